@@ -46,6 +46,60 @@ def cmd_demos(args) -> None:
     print(f"wrote {args.out}: {len(episodes)} episodes, expert score_mean {report['score_mean']:.3f}")
 
 
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "policies" / "checkpoints"
+ARCH_DEFAULTS = {"unet": {"horizon": 16}, "transformer": {"horizon": 10}}  # Diffusion Policy's horizons
+ARCH_LR = {"unet": 1e-3, "transformer": 5e-4}  # attention is less forgiving of a large step
+
+
+def cmd_train(args) -> None:
+    from policies.checkpoint import save_policy
+    from policies.config import PolicyConfig
+    from policies.train import TrainConfig, train
+    from sims.demos import load_demos
+
+    demos = load_demos(args.demos)
+    config = PolicyConfig(arch=args.arch, **ARCH_DEFAULTS[args.arch])
+    args.lr = args.lr or ARCH_LR[args.arch]
+    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               threads=args.threads)
+    policy, report = train(demos, config, train_config)
+    command = (f"rtdiff train pusht --arch {args.arch} --steps {args.steps} --batch-size {args.batch_size} "
+               f"--lr {args.lr} --seed {args.seed}")
+    out = args.out or CHECKPOINTS / f"pusht-{args.arch}"
+    save_policy(policy, out, metadata={"command": command, "demos": demos.meta.get("command", ""), **report})
+    print(f"wrote {out}: {report}")
+
+
+def cmd_eval(args) -> None:
+    from policies.evaluate import evaluate, format_table
+
+    report = evaluate(args.checkpoint, args.episodes, args.seed, args.solver, args.steps, workers=args.workers)
+    print(format_table([report]))
+    _write_json(args.json, report)
+
+
+def cmd_demo(args) -> None:
+    """What `make demo` runs: the bundled UNet policy on 10 seeded episodes, and one rollout on video."""
+    import imageio.v2 as imageio
+
+    from policies.checkpoint import load_policy
+    from policies.controller import PolicyController
+    from policies.evaluate import evaluate, format_table
+    from sims.pusht import make_env, run_episode
+
+    report = evaluate(args.checkpoint, args.episodes, args.seed, args.solver, args.steps)
+    print(format_table([report]))
+    policy = load_policy(args.checkpoint)
+    env = make_env(render=True)
+    episode = run_episode(env, PolicyController(policy, policy.make_solver(args.solver, args.steps)), args.seed,
+                          render=True)
+    env.close()
+    Path(args.video).parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimsave(args.video, episode.frames, fps=10)
+    _write_json(args.json, report)
+    print(f"rollout of seed {args.seed} (score {episode.score:.3f}): {Path(args.video).resolve()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtdiff", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +119,37 @@ def build_parser() -> argparse.ArgumentParser:
     demos.add_argument("--workers", type=int, default=2)
     demos.add_argument("--out", default=str(DEMOS_PATH))
     demos.set_defaults(run=cmd_demos)
+
+    train = commands.add_parser("train", help="train a diffusion policy on the PushT demonstrations (CPU)")
+    train.add_argument("task", choices=["pusht"])
+    train.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="unet")
+    train.add_argument("--steps", type=int, default=4000)
+    train.add_argument("--batch-size", type=int, default=256)
+    train.add_argument("--lr", type=float, help="peak learning rate (default: per architecture)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it slightly)")
+    train.add_argument("--demos", default=str(DEMOS_PATH))
+    train.add_argument("--out", help="checkpoint folder (default: the bundled pusht-ARCH)")
+    train.set_defaults(run=cmd_train)
+
+    def add_eval_options(sub, episodes: int) -> None:
+        sub.add_argument("task", choices=["pusht"])
+        sub.add_argument("--checkpoint", default="pusht-unet", help="bundled name or checkpoint folder")
+        sub.add_argument("--episodes", type=int, default=episodes)
+        sub.add_argument("--seed", type=int, default=EVAL_SEED)
+        sub.add_argument("--solver", default="ddim", help="ddim | ddpm | dpmpp")
+        sub.add_argument("--steps", type=int, default=10)
+        sub.add_argument("--json")
+
+    evaluate = commands.add_parser("eval", help="closed-loop evaluation of a policy in PushT")
+    add_eval_options(evaluate, episodes=50)
+    evaluate.add_argument("--workers", type=int, default=1, help="parallel processes (one torch thread each)")
+    evaluate.set_defaults(run=cmd_eval)
+
+    demo = commands.add_parser("demo", help="evaluate the bundled UNet policy and write a rollout video")
+    add_eval_options(demo, episodes=10)
+    demo.add_argument("--video", default="out/pusht_rollout.mp4")
+    demo.set_defaults(run=cmd_demo, json="out/demo.json")
     return parser
 
 

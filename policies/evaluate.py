@@ -1,0 +1,65 @@
+"""Closed-loop PushT evaluation of a policy checkpoint: scores, success and inference latency."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from policies.checkpoint import load_policy
+from policies.controller import PolicyController
+
+
+def _evaluate_seeds(checkpoint: str, solver_name: str, steps: int, seeds: list[int], threads: int) -> tuple[list, list]:
+    from sims.pusht import run_episodes
+
+    torch.set_num_threads(threads)
+    policy = load_policy(checkpoint)
+    controller = PolicyController(policy, policy.make_solver(solver_name, steps))
+    episodes = run_episodes(controller, seeds, progress=len(seeds) > 1)
+    return [(e.seed, e.score, e.success, e.steps) for e in episodes], controller.latencies_ms
+
+
+def evaluate(checkpoint: str, episodes: int, seed: int, solver: str, steps: int, workers: int = 1) -> dict:
+    """Runs `episodes` seeded episodes (seeds seed, seed+1, ...); with workers > 1, one torch thread each."""
+    policy = load_policy(checkpoint)  # fail here, once, on a bad checkpoint or solver
+    policy.make_solver(solver, steps)
+    seeds = list(range(seed, seed + episodes))
+    threads = 2 if workers == 1 else 1
+    if workers == 1:
+        results, latencies = _evaluate_seeds(checkpoint, solver, steps, seeds, threads)
+    else:
+        import multiprocessing as mp
+
+        parts = [seeds[k::workers] for k in range(workers)]
+        with mp.get_context("spawn").Pool(workers) as pool:
+            outputs = pool.starmap(_evaluate_seeds, [(checkpoint, solver, steps, part, threads) for part in parts])
+        results = sorted(r for part, _ in outputs for r in part)
+        latencies = [ms for _, part in outputs for ms in part]
+    scores = [score for _, score, _, _ in results]
+    return {
+        "checkpoint": str(checkpoint),
+        "solver": solver,
+        "steps": steps,
+        "episodes": len(results),
+        "seeds": [s for s, _, _, _ in results],
+        "scores": scores,
+        "score_mean": float(np.mean(scores)),
+        "success_rate": float(np.mean([ok for _, _, ok, _ in results])),
+        "latency_ms": {
+            "p50": float(np.percentile(latencies, 50)),
+            "p99": float(np.percentile(latencies, 99)),
+            "chunks": len(latencies),
+        },
+        "workers": workers,
+        "torch_threads": threads,
+    }
+
+
+def format_table(reports: list[dict]) -> str:
+    header = f"{'checkpoint':<22} {'solver':<6} {'steps':>5} {'episodes':>8} {'score':>6} {'success':>7} {'p50 ms':>7} {'p99 ms':>7}"
+    rows = [
+        f"{r['checkpoint']:<22} {r['solver']:<6} {r['steps']:>5} {r['episodes']:>8} {r['score_mean']:>6.3f} "
+        f"{r['success_rate']:>7.2f} {r['latency_ms']['p50']:>7.1f} {r['latency_ms']['p99']:>7.1f}"
+        for r in reports
+    ]
+    return "\n".join([header, *rows])

@@ -1,0 +1,111 @@
+"""A transformer denoiser in the style of Diffusion Policy's `TransformerForDiffusion`.
+
+Action tokens are the decoder's sequence; the diffusion-step token and one
+token per observation step form the cross-attention memory. Each decoder layer
+is three pre-norm residual sub-blocks (self-attention, cross-attention,
+feed-forward) that return their branch only; the layer adds it. Those branches
+are what a cache may stand in for, so they are separate modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from policies.config import PolicyConfig
+from policies.embeddings import SinusoidalPosEmb
+
+
+class SelfAttentionBlock(nn.Module):
+    def __init__(self, n_emb: int, n_head: int, p_drop: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(n_emb)
+        self.attn = nn.MultiheadAttention(n_emb, n_head, dropout=p_drop, batch_first=True)
+        self.drop = nn.Dropout(p_drop)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm(x)
+        return self.drop(self.attn(h, h, h, attn_mask=mask, need_weights=False)[0])
+
+
+class CrossAttentionBlock(nn.Module):
+    def __init__(self, n_emb: int, n_head: int, p_drop: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(n_emb)
+        self.attn = nn.MultiheadAttention(n_emb, n_head, dropout=p_drop, batch_first=True)
+        self.drop = nn.Dropout(p_drop)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.drop(self.attn(self.norm(x), memory, memory, attn_mask=mask, need_weights=False)[0])
+
+
+class FeedForwardBlock(nn.Module):
+    def __init__(self, n_emb: int, p_drop: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(n_emb)
+        self.mlp = nn.Sequential(nn.Linear(n_emb, 4 * n_emb), nn.GELU(), nn.Dropout(p_drop), nn.Linear(4 * n_emb, n_emb))
+        self.drop = nn.Dropout(p_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.mlp(self.norm(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, n_emb: int, n_head: int, p_drop: float):
+        super().__init__()
+        self.self_attn = SelfAttentionBlock(n_emb, n_head, p_drop)
+        self.cross_attn = CrossAttentionBlock(n_emb, n_head, p_drop)
+        self.ff = FeedForwardBlock(n_emb, p_drop)
+
+    def forward(self, x, memory, self_mask, memory_mask):
+        x = x + self.self_attn(x, self_mask)
+        x = x + self.cross_attn(x, memory, memory_mask)
+        return x + self.ff(x)
+
+
+class TransformerDenoiser(nn.Module):
+    def __init__(self, config: PolicyConfig):
+        super().__init__()
+        self.prediction_type = config.scheduler.prediction_type
+        n_emb, horizon, n_cond = config.n_emb, config.horizon, 1 + config.n_obs_steps
+        self.input_emb = nn.Linear(config.action_dim, n_emb)
+        self.pos_emb = nn.Parameter(torch.zeros(1, horizon, n_emb))
+        self.time_emb = SinusoidalPosEmb(n_emb)
+        self.cond_obs_emb = nn.Linear(config.obs_dim, n_emb)
+        self.cond_pos_emb = nn.Parameter(torch.zeros(1, n_cond, n_emb))
+        self.encoder = nn.Sequential(nn.Linear(n_emb, 4 * n_emb), nn.Mish(), nn.Linear(4 * n_emb, n_emb))
+        self.drop = nn.Dropout(config.p_drop)
+        self.layers = nn.ModuleList(DecoderLayer(n_emb, config.n_head, config.p_drop) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(n_emb)
+        self.head = nn.Linear(n_emb, config.action_dim)
+        # Masks as in Diffusion Policy: action token i sees actions <= i, and memory tokens up to
+        # observation step i (memory token 0 is the diffusion step). True marks a blocked pair.
+        steps = torch.arange(horizon)
+        if config.causal_attn:
+            self.register_buffer("self_mask", steps[None, :] > steps[:, None], persistent=False)
+            self.register_buffer("memory_mask", torch.arange(n_cond)[None, :] > steps[:, None] + 1, persistent=False)
+        else:
+            self.self_mask = self.memory_mask = None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.pos_emb, std=0.02)
+        nn.init.normal_(self.cond_pos_emb, std=0.02)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x (B, horizon, action_dim), t (B,), cond (B, n_obs_steps, obs_dim) -> (B, horizon, action_dim)."""
+        memory = torch.cat([self.time_emb(t)[:, None], self.cond_obs_emb(cond)], dim=1)
+        memory = self.encoder(self.drop(memory + self.cond_pos_emb))
+        h = self.drop(self.input_emb(x) + self.pos_emb)
+        for layer in self.layers:
+            h = layer(h, memory, self.self_mask, self.memory_mask)
+        return self.head(self.ln_f(h))
+
+    def cache_blocks(self) -> list[tuple[str, nn.Module]]:
+        """Every layer's self-attention, cross-attention and feed-forward branch, in execution order."""
+        kinds = (SelfAttentionBlock, CrossAttentionBlock, FeedForwardBlock)
+        return [(name, module) for name, module in self.named_modules() if isinstance(module, kinds)]
