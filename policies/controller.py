@@ -14,13 +14,15 @@ import numpy as np
 import torch
 
 from policies.modeling import DiffusionPolicy
+from runtime.accel.base import Accelerator
 from runtime.solvers import Solver
 
 
 class PolicyController:
-    def __init__(self, policy: DiffusionPolicy, solver: Solver):
+    def __init__(self, policy: DiffusionPolicy, solver: Solver, accelerator: Accelerator | None = None):
         self.policy = policy
         self.solver = solver
+        self.accelerator = accelerator
         self.latencies_ms: list[float] = []
         self.reset(0)
 
@@ -37,7 +39,7 @@ class PolicyController:
         if not self._queue:
             history = torch.from_numpy(np.stack(self._history))[None]
             start = time.perf_counter()
-            actions = self.policy.predict_actions(history, self.solver, self._generator)
+            actions = self.policy.predict_actions(history, self.solver, self._generator, self.accelerator)
             self.latencies_ms.append((time.perf_counter() - start) * 1e3)
             self._queue.extend(actions[0].numpy())
         return self._queue.popleft()

@@ -7,34 +7,45 @@ import torch
 
 from policies.checkpoint import load_policy
 from policies.controller import PolicyController
+from runtime.accel import make_accelerator
 
 
-def _evaluate_seeds(checkpoint: str, solver_name: str, steps: int, seeds: list[int], threads: int) -> tuple[list, list]:
+def _evaluate_seeds(checkpoint: str, solver_name: str, steps: int, accel: str, seeds: list[int],
+                    threads: int) -> tuple[list, list, dict]:
     from sims.pusht import run_episodes
 
     torch.set_num_threads(threads)
     policy = load_policy(checkpoint)
-    controller = PolicyController(policy, policy.make_solver(solver_name, steps))
+    accelerator = make_accelerator(accel)
+    controller = PolicyController(policy, policy.make_solver(solver_name, steps), accelerator)
     episodes = run_episodes(controller, seeds, progress=len(seeds) > 1)
-    return [(e.seed, e.score, e.success, e.steps) for e in episodes], controller.latencies_ms
+    results = [(e.seed, e.score, e.success, e.steps) for e in episodes]
+    return results, controller.latencies_ms, accelerator.stats()
 
 
-def evaluate(checkpoint: str, episodes: int, seed: int, solver: str, steps: int, workers: int = 1) -> dict:
+def evaluate(checkpoint: str, episodes: int, seed: int, solver: str, steps: int, accel: str = "none",
+             workers: int = 1) -> dict:
     """Runs `episodes` seeded episodes (seeds seed, seed+1, ...); with workers > 1, one torch thread each."""
-    policy = load_policy(checkpoint)  # fail here, once, on a bad checkpoint or solver
+    policy = load_policy(checkpoint)  # fail here, once, on a bad checkpoint, solver or accelerator
     policy.make_solver(solver, steps)
+    make_accelerator(accel)
     seeds = list(range(seed, seed + episodes))
     threads = 2 if workers == 1 else 1
     if workers == 1:
-        results, latencies = _evaluate_seeds(checkpoint, solver, steps, seeds, threads)
+        outputs = [_evaluate_seeds(checkpoint, solver, steps, accel, seeds, threads)]
     else:
         import multiprocessing as mp
 
         parts = [seeds[k::workers] for k in range(workers)]
         with mp.get_context("spawn").Pool(workers) as pool:
-            outputs = pool.starmap(_evaluate_seeds, [(checkpoint, solver, steps, part, threads) for part in parts])
-        results = sorted(r for part, _ in outputs for r in part)
-        latencies = [ms for _, part in outputs for ms in part]
+            outputs = pool.starmap(_evaluate_seeds, [(checkpoint, solver, steps, accel, part, threads) for part in parts])
+    results = sorted(r for part, _, _ in outputs for r in part)
+    latencies = [ms for _, part, _ in outputs for ms in part]
+    chunks = [len(part) for _, part, _ in outputs]
+    accel_stats = {  # per-worker figures weighted by the chunks each inferred
+        key: float(np.average([stats[key] for _, _, stats in outputs], weights=chunks))
+        for key in ("model_calls", "block_evals_fraction")
+    }
     scores = [score for _, score, _, _ in results]
     return {
         "checkpoint": str(checkpoint),
@@ -50,15 +61,19 @@ def evaluate(checkpoint: str, episodes: int, seed: int, solver: str, steps: int,
             "p99": float(np.percentile(latencies, 99)),
             "chunks": len(latencies),
         },
+        "accel": accel,
+        **accel_stats,
         "workers": workers,
         "torch_threads": threads,
     }
 
 
 def format_table(reports: list[dict]) -> str:
-    header = f"{'checkpoint':<22} {'solver':<6} {'steps':>5} {'episodes':>8} {'score':>6} {'success':>7} {'p50 ms':>7} {'p99 ms':>7}"
+    header = (f"{'checkpoint':<22} {'solver':<6} {'steps':>5} {'accel':<8} {'calls':>5} {'episodes':>8} {'score':>6} "
+              f"{'success':>7} {'p50 ms':>7} {'p99 ms':>7}")
     rows = [
-        f"{r['checkpoint']:<22} {r['solver']:<6} {r['steps']:>5} {r['episodes']:>8} {r['score_mean']:>6.3f} "
+        f"{r['checkpoint']:<22} {r['solver']:<6} {r['steps']:>5} {r['accel']:<8} {r['model_calls']:>5.1f} "
+        f"{r['episodes']:>8} {r['score_mean']:>6.3f} "
         f"{r['success_rate']:>7.2f} {r['latency_ms']['p50']:>7.1f} {r['latency_ms']['p99']:>7.1f}"
         for r in reports
     ]

@@ -9,6 +9,7 @@ from policies.config import PolicyConfig
 from policies.normalizer import MinMaxNormalizer
 from policies.transformer import TransformerDenoiser
 from policies.unet import ConditionalUnet1d
+from runtime.accel.base import Accelerator
 from runtime.sampling import sample
 from runtime.solvers import Solver, make_solver
 
@@ -33,17 +34,23 @@ class DiffusionPolicy(nn.Module):
                              f"got {tuple(obs.shape)}")
 
     @torch.no_grad()
-    def predict_chunk(self, obs: torch.Tensor, solver: Solver, generator: torch.Generator | None = None) -> torch.Tensor:
+    def predict_chunk(self, obs: torch.Tensor, solver: Solver, generator: torch.Generator | None = None,
+                      accelerator: Accelerator | None = None) -> torch.Tensor:
         """The whole predicted action sequence, (B, horizon, action_dim), in environment units."""
         self.check_observations(obs)
         cond = self.obs_normalizer.normalize(obs.to(torch.float32))
         noise = torch.randn(
             (obs.shape[0], self.config.horizon, self.config.action_dim), generator=generator, dtype=torch.float32
         )
-        return self.action_normalizer.unnormalize(sample(self.denoiser, solver, noise, cond, generator))
+        if accelerator is not None:
+            accelerator.bind(self.denoiser)
+        actions = sample(self.denoiser, solver, noise, cond, generator, accelerator)
+        return self.action_normalizer.unnormalize(actions)
 
     @torch.no_grad()
-    def predict_actions(self, obs: torch.Tensor, solver: Solver, generator: torch.Generator | None = None) -> torch.Tensor:
+    def predict_actions(self, obs: torch.Tensor, solver: Solver, generator: torch.Generator | None = None,
+                        accelerator: Accelerator | None = None) -> torch.Tensor:
         """The actions to execute, (B, n_action_steps, action_dim): the chunk from the current step on."""
         start = self.config.n_obs_steps - 1
-        return self.predict_chunk(obs, solver, generator)[:, start : start + self.config.n_action_steps]
+        chunk = self.predict_chunk(obs, solver, generator, accelerator)
+        return chunk[:, start : start + self.config.n_action_steps]

@@ -73,7 +73,8 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from policies.evaluate import evaluate, format_table
 
-    report = evaluate(args.checkpoint, args.episodes, args.seed, args.solver, args.steps, workers=args.workers)
+    report = evaluate(args.checkpoint, args.episodes, args.seed, args.solver, args.steps, accel=args.accel,
+                      workers=args.workers)
     print(format_table([report]))
     _write_json(args.json, report)
 
@@ -87,12 +88,14 @@ def cmd_demo(args) -> None:
     from policies.evaluate import evaluate, format_table
     from sims.pusht import make_env, run_episode
 
-    report = evaluate(args.checkpoint, args.episodes, args.seed, args.solver, args.steps)
+    from runtime.accel import make_accelerator
+
+    report = evaluate(args.checkpoint, args.episodes, args.seed, args.solver, args.steps, accel=args.accel)
     print(format_table([report]))
     policy = load_policy(args.checkpoint)
     env = make_env(render=True)
-    episode = run_episode(env, PolicyController(policy, policy.make_solver(args.solver, args.steps)), args.seed,
-                          render=True)
+    controller = PolicyController(policy, policy.make_solver(args.solver, args.steps), make_accelerator(args.accel))
+    episode = run_episode(env, controller, args.seed, render=True)
     env.close()
     Path(args.video).parent.mkdir(parents=True, exist_ok=True)
     imageio.mimsave(args.video, episode.frames, fps=10)
@@ -139,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int, default=EVAL_SEED)
         sub.add_argument("--solver", default="ddim", help="ddim | ddpm | dpmpp")
         sub.add_argument("--steps", type=int, default=10)
+        sub.add_argument("--accel", default="none", help="none | uniform")
         sub.add_argument("--json")
 
     evaluate = commands.add_parser("eval", help="closed-loop evaluation of a policy in PushT")

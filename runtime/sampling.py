@@ -1,12 +1,15 @@
-"""The sampling loop: integrate a denoiser from noise to data with a solver."""
+"""The sampling loop: integrate a denoiser from noise to data with a solver, optionally accelerated."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from runtime.solvers import History, Solver
+
+if TYPE_CHECKING:
+    from runtime.accel.base import Accelerator
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -18,16 +21,31 @@ def sample(
     x: torch.Tensor,
     cond: torch.Tensor,
     generator: torch.Generator | None = None,
+    accelerator: Accelerator | None = None,
 ) -> torch.Tensor:
     """Run the whole trajectory from `x` (noise at the first timestep) and return the final sample.
 
     `denoiser(x_t, t, cond)` takes a batch of timesteps (int64, shape (B,)) and
     returns the prediction the solver's config names (epsilon, sample or v).
+    An accelerator, already bound to the denoiser, may skip whole steps (its
+    estimate replaces the model's) or let cached blocks stand in within a call.
     """
+    from runtime.accel.base import SKIP
+
     history = History()
+    if accelerator is not None:
+        accelerator.begin(solver)
     for i, t in enumerate(solver.timesteps):
-        timestep = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        x0, eps = solver.predict(i, x, denoiser(x, timestep, cond))
-        history.append(t, x0, eps)
+        if accelerator is not None and accelerator.plan_step(i, history) == SKIP:
+            x0, eps = accelerator.estimate(i, x, history)
+            history.append(t, x0, eps, model_called=False)
+        else:
+            if accelerator is not None:
+                accelerator.before_model_call(i)
+            timestep = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+            x0, eps = solver.predict(i, x, denoiser(x, timestep, cond))
+            history.append(t, x0, eps)
         x = solver.step(i, x, history, generator)
+        if accelerator is not None:
+            accelerator.after_step()
     return x

@@ -1,0 +1,80 @@
+"""Accelerator hooks: attached from outside, exact when they compute everything, honest in what they count."""
+
+import pytest
+import torch
+
+from policies.config import PolicyConfig
+from policies.modeling import DiffusionPolicy
+from runtime.accel import Accelerator, UniformCache, make_accelerator
+from runtime.accel.hooks import CacheHooks
+
+TINY = {
+    "unet": dict(arch="unet", down_dims=(8, 16), n_groups=4, diffusion_step_embed_dim=8, horizon=8, n_action_steps=4),
+    "transformer": dict(arch="transformer", n_layer=2, n_head=2, n_emb=16, horizon=6, n_action_steps=4),
+}
+
+
+@pytest.fixture(params=sorted(TINY))
+def policy(request):
+    torch.manual_seed(0)
+    return DiffusionPolicy(PolicyConfig(**TINY[request.param])).eval()
+
+
+def chunk(policy, accelerator=None, steps=10, seed=0):
+    obs = torch.randn(2, policy.config.n_obs_steps, policy.config.obs_dim, generator=torch.Generator().manual_seed(1))
+    solver = policy.make_solver("ddim", steps)
+    return policy.predict_chunk(obs, solver, torch.Generator().manual_seed(seed), accelerator)
+
+
+def test_computing_every_block_changes_nothing(policy):
+    reference = chunk(policy)
+    for accelerator in (Accelerator(), UniformCache(interval=1)):
+        torch.testing.assert_close(chunk(policy, accelerator), reference, rtol=0, atol=0)
+        assert accelerator.stats()["block_evals_fraction"] == 1.0
+        assert accelerator.stats()["model_calls"] == 10
+
+
+def test_uniform_cache_reuses_blocks_between_refreshes(policy):
+    reference = chunk(policy)
+    accelerator = UniformCache(interval=3)
+    cached = chunk(policy, accelerator)
+    stats = accelerator.stats()
+    assert stats["model_calls"] == 10  # every step still calls the model; blocks inside are served
+    assert stats["block_evals_fraction"] == pytest.approx(4 / 10)  # refreshed at steps 0, 3, 6, 9
+    assert not torch.equal(cached, reference)
+    assert torch.isfinite(cached).all()
+
+
+def test_cache_does_not_leak_across_trajectories(policy):
+    accelerator = UniformCache(interval=2)
+    first = chunk(policy, accelerator, seed=0)
+    chunk(policy, accelerator, seed=5)
+    again = chunk(policy, accelerator, seed=0)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_hooks_leave_the_model_as_they_found_it(policy):
+    reference = chunk(policy)
+    classes_forward = {type(m).forward for _, m in policy.denoiser.cache_blocks()}
+    hooks = CacheHooks(policy.denoiser).attach()
+    assert all("forward" in m.__dict__ for _, m in policy.denoiser.cache_blocks())
+    with pytest.raises(RuntimeError, match="already has a wrapped forward"):
+        CacheHooks(policy.denoiser).attach()
+    hooks.detach()
+    assert all("forward" not in m.__dict__ for _, m in policy.denoiser.cache_blocks())
+    assert {type(m).forward for _, m in policy.denoiser.cache_blocks()} == classes_forward
+    torch.testing.assert_close(chunk(policy), reference, rtol=0, atol=0)
+
+
+def test_a_block_cannot_be_served_before_it_was_computed(policy):
+    hooks = CacheHooks(policy.denoiser).attach()
+    try:
+        with pytest.raises(RuntimeError, match="must be computed"):
+            hooks.cache.set_step(set())
+    finally:
+        hooks.detach()
+
+
+def test_unknown_accelerator_is_named():
+    with pytest.raises(ValueError, match="unknown accelerator 'warp'"):
+        make_accelerator("warp")
