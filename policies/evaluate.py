@@ -7,7 +7,7 @@ import torch
 
 from policies.checkpoint import load_policy
 from policies.controller import PolicyController
-from runtime.accel import make_accelerator
+from policies.accelerate import policy_accelerator
 
 
 def _evaluate_seeds(checkpoint: str, solver_name: str, steps: int, accel: str, seeds: list[int],
@@ -16,7 +16,7 @@ def _evaluate_seeds(checkpoint: str, solver_name: str, steps: int, accel: str, s
 
     torch.set_num_threads(threads)
     policy = load_policy(checkpoint)
-    accelerator = make_accelerator(accel)
+    accelerator = policy_accelerator(accel, checkpoint, solver_name, steps)
     controller = PolicyController(policy, policy.make_solver(solver_name, steps), accelerator)
     episodes = run_episodes(controller, seeds, progress=len(seeds) > 1)
     results = [(e.seed, e.score, e.success, e.steps) for e in episodes]
@@ -28,7 +28,7 @@ def evaluate(checkpoint: str, episodes: int, seed: int, solver: str, steps: int,
     """Runs `episodes` seeded episodes (seeds seed, seed+1, ...); with workers > 1, one torch thread each."""
     policy = load_policy(checkpoint)  # fail here, once, on a bad checkpoint, solver or accelerator
     policy.make_solver(solver, steps)
-    make_accelerator(accel)
+    policy_accelerator(accel, checkpoint, solver, steps)
     seeds = list(range(seed, seed + episodes))
     threads = 2 if workers == 1 else 1
     if workers == 1:

@@ -88,19 +88,28 @@ def cmd_demo(args) -> None:
     from policies.evaluate import evaluate, format_table
     from sims.pusht import make_env, run_episode
 
-    from runtime.accel import make_accelerator
+    from policies.accelerate import policy_accelerator
 
     report = evaluate(args.checkpoint, args.episodes, args.seed, args.solver, args.steps, accel=args.accel)
     print(format_table([report]))
     policy = load_policy(args.checkpoint)
     env = make_env(render=True)
-    controller = PolicyController(policy, policy.make_solver(args.solver, args.steps), make_accelerator(args.accel))
+    controller = PolicyController(policy, policy.make_solver(args.solver, args.steps), policy_accelerator(args.accel, args.checkpoint, args.solver, args.steps))
     episode = run_episode(env, controller, args.seed, render=True)
     env.close()
     Path(args.video).parent.mkdir(parents=True, exist_ok=True)
     imageio.mimsave(args.video, episode.frames, fps=10)
     _write_json(args.json, report)
     print(f"rollout of seed {args.seed} (score {episode.score:.3f}): {Path(args.video).resolve()}")
+
+
+def cmd_calibrate(args) -> None:
+    from policies.accelerate import calibrate_bac
+
+    schedule, path = calibrate_bac(args.checkpoint, args.solver, args.steps, args.budget, args.demos,
+                                   observations=args.observations, seed=args.seed, bubble=args.bubble, out=args.out)
+    print(f"wrote {path} and {path.with_suffix('.png')}: block_evals_fraction {schedule['block_evals_fraction']:.3f}, "
+          f"bubbled {schedule['bubbled']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,8 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int, default=EVAL_SEED)
         sub.add_argument("--solver", default="ddim", help="ddim | ddpm | dpmpp")
         sub.add_argument("--steps", type=int, default=10)
-        sub.add_argument("--accel", default="none", help="none | uniform")
+        sub.add_argument("--accel", default="none", help="none | uniform | bac (needs `rtdiff calibrate bac`)")
         sub.add_argument("--json")
+
+    calibrate = commands.add_parser("calibrate", help="calibrate an accelerator's schedule for a checkpoint")
+    calibrate.add_argument("method", choices=["bac"])
+    calibrate.add_argument("--checkpoint", default="pusht-unet")
+    calibrate.add_argument("--solver", default="ddim")
+    calibrate.add_argument("--steps", type=int, default=10)
+    calibrate.add_argument("--budget", type=int, default=4, help="update steps per block before bubbling")
+    calibrate.add_argument("--bubble", type=int, default=5, help="blocks given downstream feed-forward updates")
+    calibrate.add_argument("--observations", type=int, default=32)
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--demos", default=str(DEMOS_PATH))
+    calibrate.add_argument("--out", help="schedule JSON (default: beside the checkpoint, where --accel bac looks)")
+    calibrate.set_defaults(run=cmd_calibrate)
 
     evaluate = commands.add_parser("eval", help="closed-loop evaluation of a policy in PushT")
     add_eval_options(evaluate, episodes=50)

@@ -1,0 +1,67 @@
+"""Accelerators for policy checkpoints: BAC calibration on demonstrations, and schedules found beside checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from policies.checkpoint import checkpoint_hash, load_policy, resolve
+from runtime.accel import make_accelerator
+from runtime.accel.bac import (
+    calibrate,
+    load_schedule,
+    plot_schedule,
+    record_block_outputs,
+    save_schedule,
+    schedule_filename,
+)
+from runtime.accel.base import Accelerator
+
+
+def feed_forward_blocks(denoiser) -> set[str]:
+    """Blocks without attention: in BAC's terms the ones that amplify stale inputs (every UNet block)."""
+    return {name for name, module in denoiser.cache_blocks() if "Attention" not in type(module).__name__}
+
+
+def calibration_observations(demos_path: str | Path, policy, count: int, seed: int) -> torch.Tensor:
+    """`count` observation histories drawn from the demonstrations, as the policy sees them in closed loop."""
+    from policies.train import windows
+    from sims.demos import load_demos
+
+    obs, _ = windows(load_demos(demos_path), policy.config)
+    if obs.shape[-1] != policy.config.obs_dim:
+        raise ValueError(f"demonstrations have {obs.shape[-1]}-d observations, the policy takes {policy.config.obs_dim}")
+    pick = np.random.default_rng(seed).choice(len(obs), size=min(count, len(obs)), replace=False)
+    return torch.from_numpy(obs[np.sort(pick)])
+
+
+def calibrate_bac(checkpoint: str, solver_name: str, steps: int, budget: int, demos_path: str | Path,
+                  observations: int = 32, seed: int = 0, bubble: int = 5, out: str | Path | None = None) -> tuple[dict, Path]:
+    policy = load_policy(checkpoint)
+    solver = policy.make_solver(solver_name, steps)
+    obs = calibration_observations(demos_path, policy, observations, seed)
+    generator = torch.Generator().manual_seed(seed)
+    outputs = record_block_outputs(policy.denoiser, lambda: policy.predict_chunk(obs, solver, generator))
+    schedule = calibrate(outputs, budget, feed_forward_blocks(policy.denoiser), bubble)
+    schedule.update(
+        solver=solver_name,
+        checkpoint=str(checkpoint),
+        checkpoint_sha256=checkpoint_hash(checkpoint),
+        calibration={"observations": len(obs), "seed": seed, "bubble_blocks": bubble,
+                     "similarity": "cached step vs every step that reuses it (official code's variant)"},
+    )
+    path = Path(out) if out else resolve(checkpoint) / schedule_filename(solver_name, steps)
+    save_schedule(schedule, path)
+    plot_schedule(schedule, path.with_suffix(".png"))
+    return schedule, path
+
+
+def policy_accelerator(name: str, checkpoint: str, solver_name: str, steps: int) -> Accelerator:
+    """The named accelerator for a checkpoint; `bac` reads the schedule calibrated beside it."""
+    if name == "bac":
+        schedule = load_schedule(resolve(checkpoint) / schedule_filename(solver_name, steps))
+        return make_accelerator(name, schedule=schedule, solver=solver_name, steps=steps,
+                                checkpoint_hash=checkpoint_hash(checkpoint))
+    return make_accelerator(name)

@@ -1,0 +1,110 @@
+"""BAC: the exact scheduler against brute force, bubbling union, recording, and the cache following its schedule."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from policies.checkpoint import save_policy
+from policies.config import PolicyConfig
+from policies.modeling import DiffusionPolicy
+from runtime.accel import make_accelerator
+from runtime.accel.bac import bubbling_union, optimal_update_steps, record_block_outputs, similarity_matrix
+
+
+def reuse_score(similarity, updates):
+    bounds = [*updates, len(similarity)]
+    return sum(similarity[i, k] for i, j in zip(bounds, bounds[1:]) for k in range(i + 1, j))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_scheduler_is_exact(seed):
+    rng = np.random.default_rng(seed)
+    steps = 8
+    similarity = rng.uniform(-1, 1, (steps, steps))
+    for budget in range(1, steps + 1):
+        chosen = optimal_update_steps(similarity, budget)
+        assert chosen[0] == 0 and len(chosen) == budget == len(set(chosen))
+        best = max(reuse_score(similarity, [0, *rest]) for rest in itertools.combinations(range(1, steps), budget - 1))
+        assert reuse_score(similarity, chosen) == pytest.approx(best)
+
+
+def test_scheduler_refreshes_where_features_change():
+    # Features constant over steps 0-4 and 5-9, changing at 5: two updates go to 0 and 5.
+    features = torch.cat([torch.ones(5, 1, 4), torch.tensor([1.0, -1, 1, -1]).expand(5, 1, 4)])
+    assert optimal_update_steps(similarity_matrix(features), 2) == [0, 5]
+
+
+def test_bubbling_union_adds_downstream_feed_forward_updates():
+    schedule = {"a.attn": [0, 4], "a.ff": [0, 2], "b.attn": [0, 6], "b.ff": [0, 3]}
+    errors = {"a.attn": 0.9, "a.ff": 0.1, "b.attn": 0.5, "b.ff": 0.2}
+    merged, bubbled = bubbling_union(schedule, errors, feed_forward={"a.ff", "b.ff"}, count=2)
+    assert bubbled == ["a.attn", "b.attn"]
+    assert merged["a.attn"] == [0, 2, 3, 4] and merged["b.attn"] == [0, 3, 6]
+    assert merged["a.ff"] == [0, 2] and merged["b.ff"] == [0, 3]
+
+
+@pytest.fixture
+def tiny_policy():
+    torch.manual_seed(0)
+    config = PolicyConfig(arch="transformer", n_layer=2, n_head=2, n_emb=16, horizon=6, n_action_steps=4)
+    return DiffusionPolicy(config).eval()
+
+
+def test_recording_captures_every_block_at_every_step(tiny_policy):
+    obs = torch.randn(3, 2, 5)
+    solver = tiny_policy.make_solver("ddim", 7)
+    outputs = record_block_outputs(tiny_policy.denoiser, lambda: tiny_policy.predict_chunk(obs, solver))
+    assert list(outputs) == [name for name, _ in tiny_policy.denoiser.cache_blocks()]
+    assert all(value.shape[:2] == (7, 3) for value in outputs.values())
+    assert all("forward" not in m.__dict__ for _, m in tiny_policy.denoiser.cache_blocks())  # hooks removed
+
+
+def test_bac_cache_follows_its_schedule(tiny_policy):
+    names = [name for name, _ in tiny_policy.denoiser.cache_blocks()]
+    obs = torch.randn(2, 2, 5)
+    solver = tiny_policy.make_solver("ddim", 6)
+    reference = tiny_policy.predict_chunk(obs, solver, torch.Generator().manual_seed(0))
+
+    everything = make_accelerator("bac", schedule={"steps": 6, "blocks": {n: list(range(6)) for n in names}},
+                                  solver="ddim", steps=6)
+    exact = tiny_policy.predict_chunk(obs, solver, torch.Generator().manual_seed(0), everything)
+    torch.testing.assert_close(exact, reference, rtol=0, atol=0)
+    everything.unbind()
+
+    sparse = {n: [0, 3] if k % 2 else [0, 1, 2, 3, 4, 5] for k, n in enumerate(names)}
+    bac = make_accelerator("bac", schedule={"steps": 6, "blocks": sparse}, solver="ddim", steps=6)
+    cached = tiny_policy.predict_chunk(obs, solver, torch.Generator().manual_seed(0), bac)
+    assert bac.stats()["block_evals_fraction"] == pytest.approx(sum(map(len, sparse.values())) / (6 * len(names)))
+    assert not torch.equal(cached, reference)
+
+
+def test_mismatched_schedules_are_refused(tiny_policy):
+    with pytest.raises(ValueError, match="for ddim 10 steps, not ddim 6"):
+        make_accelerator("bac", schedule={"steps": 10, "solver": "ddim", "blocks": {}}, solver="ddim", steps=6)
+    with pytest.raises(ValueError, match="different weights"):
+        make_accelerator("bac", schedule={"steps": 6, "checkpoint_sha256": "aa", "blocks": {}}, solver="ddim",
+                         steps=6, checkpoint_hash="bb")
+    bac = make_accelerator("bac", schedule={"steps": 6, "blocks": {"layers.0.nope": [0]}}, solver="ddim", steps=6)
+    with pytest.raises(ValueError, match="does not have"):
+        bac.bind(tiny_policy.denoiser)
+    assert all("forward" not in m.__dict__ for _, m in tiny_policy.denoiser.cache_blocks())
+
+
+def test_calibrate_command_writes_schedule_and_heatmap_used_by_eval(tiny_policy, tmp_path):
+    from policies.accelerate import calibrate_bac, policy_accelerator
+    from runtime.cli import DEMOS_PATH
+
+    folder = save_policy(tiny_policy, tmp_path / "tiny")
+    schedule, path = calibrate_bac(str(folder), "ddim", 8, budget=3, demos_path=DEMOS_PATH, observations=8, bubble=2)
+    assert path == folder / "bac-ddim-8.json" and path.with_suffix(".png").stat().st_size > 1000
+    stored = json.loads(path.read_text())
+    assert stored["format"] == "rtdiff-bac-schedule/1" and len(stored["checkpoint_sha256"]) == 64
+    assert all(len(steps) >= 3 and steps[0] == 0 for steps in stored["blocks"].values())
+    assert len(stored["bubbled"]) == 2
+    accelerator = policy_accelerator("bac", str(folder), "ddim", 8)
+    assert accelerator.updates == {name: set(steps) for name, steps in stored["blocks"].items()}
+    with pytest.raises(FileNotFoundError, match="calibrate bac"):
+        policy_accelerator("bac", str(folder), "ddim", 9)
