@@ -36,15 +36,15 @@ def sample(
     if accelerator is not None:
         accelerator.begin(solver)
     for i, t in enumerate(solver.timesteps):
-        if accelerator is not None and accelerator.plan_step(i, history) == SKIP:
+        if accelerator is not None and accelerator.plan_step(i, x, history) == SKIP:
             x0, eps = accelerator.estimate(i, x, history)
-            history.append(t, x0, eps, model_called=False)
+            history.append(t, x, x0, eps, model_called=False)
         else:
             if accelerator is not None:
                 accelerator.before_model_call(i)
             timestep = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
             x0, eps = solver.predict(i, x, denoiser(x, timestep, cond))
-            history.append(t, x0, eps)
+            history.append(t, x, x0, eps)
         x = solver.step(i, x, history, generator)
         if accelerator is not None:
             accelerator.after_step()

@@ -109,12 +109,14 @@ class History:
     """What the solver has seen so far along one trajectory: one entry per completed step."""
 
     timesteps: list[int] = field(default_factory=list)
+    samples: list[torch.Tensor] = field(default_factory=list)  # x_t at each step, before the step
     x0: list[torch.Tensor] = field(default_factory=list)
     eps: list[torch.Tensor] = field(default_factory=list)
     model_called: list[bool] = field(default_factory=list)
 
-    def append(self, t: int, x0: torch.Tensor, eps: torch.Tensor, model_called: bool = True) -> None:
+    def append(self, t: int, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, model_called: bool = True) -> None:
         self.timesteps.append(t)
+        self.samples.append(x)
         self.x0.append(x0)
         self.eps.append(eps)
         self.model_called.append(model_called)
@@ -148,11 +150,15 @@ class Solver:
     def alpha_bar(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t] if t >= 0 else torch.tensor(1.0, dtype=torch.float64)
 
-    def predict(self, i: int, x: torch.Tensor, model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, eps) implied by the model's output at step i; x0 clipped if configured, eps from the raw output."""
+    def predict(self, i: int, x: torch.Tensor, model_output: torch.Tensor,
+                kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) implied by the model's output at step i; x0 clipped if configured, eps from the raw output.
+
+        `kind` overrides the config's prediction type: an accelerator that estimates eps passes "epsilon".
+        """
         a = self.alpha_bar(self.timesteps[i])
         sqrt_a, sqrt_b = a.sqrt().to(x.dtype), (1 - a).sqrt().to(x.dtype)
-        kind = self.config.prediction_type
+        kind = kind or self.config.prediction_type
         if kind == "epsilon":
             eps = model_output
             x0 = (x - sqrt_b * eps) / sqrt_a

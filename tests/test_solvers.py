@@ -29,7 +29,7 @@ def rtdiff_trajectory(name, config, steps, x, seed):
     history, generator, states = History(), torch.Generator().manual_seed(seed), []
     for i, t in enumerate(solver.timesteps):
         x0, eps = solver.predict(i, x, fake_model(x, t))
-        history.append(t, x0, eps)
+        history.append(t, x, x0, eps)
         x = solver.step(i, x, history, generator)
         states.append(x)
     return solver.timesteps, states

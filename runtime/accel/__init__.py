@@ -2,8 +2,9 @@
 
 from runtime.accel.bac import BACache
 from runtime.accel.base import FULL, SKIP, Accelerator, UniformCache
+from runtime.accel.sada import StabilitySkip
 
-ACCELERATORS = {"none": Accelerator, "uniform": UniformCache, "bac": BACache}
+ACCELERATORS = {"none": Accelerator, "uniform": UniformCache, "bac": BACache, "sada": StabilitySkip}
 
 
 def make_accelerator(name: str, **options) -> Accelerator:
@@ -13,4 +14,4 @@ def make_accelerator(name: str, **options) -> Accelerator:
     return ACCELERATORS[name](**options)
 
 
-__all__ = ["ACCELERATORS", "FULL", "SKIP", "Accelerator", "BACache", "UniformCache", "make_accelerator"]
+__all__ = ["ACCELERATORS", "FULL", "SKIP", "Accelerator", "BACache", "StabilitySkip", "UniformCache", "make_accelerator"]

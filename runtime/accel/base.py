@@ -1,6 +1,6 @@
 """The accelerator contract: a step-level plan before each model call, a block-level compute set within it.
 
-`plan_step(i, history)` answers FULL (call the model) or SKIP (no model call:
+`plan_step(i, x, history)` answers FULL (call the model) or SKIP (no model call:
 `estimate` supplies x0 and eps from the solver's history). Within a model
 call, `should_compute(block, i)` decides per cacheable block whether it runs or
 its cached output stands in. The base class is the `none` accelerator: every
@@ -47,7 +47,7 @@ class Accelerator:
         if self.hooks is not None:
             self.hooks.cache.outputs.clear()
 
-    def plan_step(self, i: int, history: History) -> str:
+    def plan_step(self, i: int, x: torch.Tensor, history: History) -> str:
         return FULL
 
     def should_compute(self, block: str, i: int) -> bool:
