@@ -60,7 +60,7 @@ def calibrate_bac(checkpoint: str, solver_name: str, steps: int, budget: int, de
 
 def policy_accelerator(name: str, checkpoint: str, solver_name: str, steps: int) -> Accelerator:
     """The named accelerator for a checkpoint; `bac` reads the schedule calibrated beside it."""
-    if name == "bac":
+    if name in ("bac", "bac+sada"):
         schedule = load_schedule(resolve(checkpoint) / schedule_filename(solver_name, steps))
         return make_accelerator(name, schedule=schedule, solver=solver_name, steps=steps,
                                 checkpoint_hash=checkpoint_hash(checkpoint))

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int, default=EVAL_SEED)
         sub.add_argument("--solver", default="ddim", help="ddim | ddpm | dpmpp")
         sub.add_argument("--steps", type=int, default=10)
-        sub.add_argument("--accel", default="none", help="none | uniform | bac (needs `rtdiff calibrate bac`)")
+        sub.add_argument("--accel", default="none", help="none | uniform | bac | sada | bac+sada (bac: `rtdiff calibrate bac` first)")
         sub.add_argument("--json")
 
     calibrate = commands.add_parser("calibrate", help="calibrate an accelerator's schedule for a checkpoint")

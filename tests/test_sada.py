@@ -81,3 +81,27 @@ def test_batch_skips_only_when_every_trajectory_is_stable(policy):
     assert scores.shape == (2,)
     expected = "skip" if scores.max() <= 0 else "full"
     assert accelerator.plan_step(3, x, history) == expected
+
+
+def test_bac_inside_sada_steps(policy):
+    names = [name for name, _ in policy.denoiser.cache_blocks()]
+    schedule = {"steps": 10, "blocks": {n: [0, 3, 6] if k % 2 else list(range(10)) for k, n in enumerate(names)}}
+
+    bac_only = make_accelerator("bac", schedule=schedule, solver="ddim", steps=10)
+    reference = run(policy, bac_only)
+    bac_only.unbind()
+    never_skips = make_accelerator("bac+sada", schedule=schedule, solver="ddim", steps=10, threshold=-math.inf)
+    torch.testing.assert_close(run(policy, never_skips), reference, rtol=0, atol=0)
+    never_skips.unbind()
+
+    # Step 3 is skipped (window covers only it), so the blocks scheduled there refresh at step 4 instead.
+    composed = make_accelerator("bac+sada", schedule=schedule, solver="ddim", steps=10, threshold=math.inf,
+                                window=(0.3, 0.4))
+    computed = []
+    original = composed.before_model_call
+    composed.before_model_call = lambda i: (original(i), computed.append((i, set(composed.hooks.cache.compute))))
+    run(policy, composed)
+    plans = dict(computed)
+    assert 3 not in plans and composed.stats()["model_calls"] == 9
+    assert plans[4] == set(names)  # odd blocks: pending from step 3; even blocks: scheduled every step
+    assert plans[5] == {n for k, n in enumerate(names) if k % 2 == 0}
