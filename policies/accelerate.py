@@ -58,10 +58,14 @@ def calibrate_bac(checkpoint: str, solver_name: str, steps: int, budget: int, de
     return schedule, path
 
 
-def policy_accelerator(name: str, checkpoint: str, solver_name: str, steps: int) -> Accelerator:
-    """The named accelerator for a checkpoint; `bac` reads the schedule calibrated beside it."""
+def policy_accelerator(name: str, checkpoint: str, solver_name: str, steps: int, schedule: dict | None = None,
+                       **options) -> Accelerator:
+    """The named accelerator for a checkpoint; `bac` reads the schedule calibrated beside it unless given one."""
     if name in ("bac", "bac+sada"):
-        schedule = load_schedule(resolve(checkpoint) / schedule_filename(solver_name, steps))
+        if schedule is None:
+            schedule = load_schedule(resolve(checkpoint) / schedule_filename(solver_name, steps))
         return make_accelerator(name, schedule=schedule, solver=solver_name, steps=steps,
-                                checkpoint_hash=checkpoint_hash(checkpoint))
-    return make_accelerator(name)
+                                checkpoint_hash=checkpoint_hash(checkpoint), **options)
+    if schedule is not None:
+        raise ValueError(f"accelerator {name!r} takes no schedule")
+    return make_accelerator(name, **options)

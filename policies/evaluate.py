@@ -10,13 +10,13 @@ from policies.controller import PolicyController
 from policies.accelerate import policy_accelerator
 
 
-def _evaluate_seeds(checkpoint: str, solver_name: str, steps: int, accel: str, seeds: list[int],
+def _evaluate_seeds(checkpoint: str, solver_name: str, steps: int, accel: str, accel_options: dict, seeds: list[int],
                     threads: int) -> tuple[list, list, dict]:
     from sims.pusht import run_episodes
 
     torch.set_num_threads(threads)
     policy = load_policy(checkpoint)
-    accelerator = policy_accelerator(accel, checkpoint, solver_name, steps)
+    accelerator = policy_accelerator(accel, checkpoint, solver_name, steps, **accel_options)
     controller = PolicyController(policy, policy.make_solver(solver_name, steps), accelerator)
     episodes = run_episodes(controller, seeds, progress=len(seeds) > 1)
     results = [(e.seed, e.score, e.success, e.steps) for e in episodes]
@@ -24,21 +24,25 @@ def _evaluate_seeds(checkpoint: str, solver_name: str, steps: int, accel: str, s
 
 
 def evaluate(checkpoint: str, episodes: int, seed: int, solver: str, steps: int, accel: str = "none",
-             workers: int = 1) -> dict:
-    """Runs `episodes` seeded episodes (seeds seed, seed+1, ...); with workers > 1, one torch thread each."""
+             workers: int = 1, accel_options: dict | None = None) -> dict:
+    """Runs `episodes` seeded episodes (seeds seed, seed+1, ...); with workers > 1, one torch thread each.
+
+    `accel_options` go to the accelerator (a BAC `schedule`, SADA's `threshold`, ...)."""
+    accel_options = accel_options or {}
     policy = load_policy(checkpoint)  # fail here, once, on a bad checkpoint, solver or accelerator
     policy.make_solver(solver, steps)
-    policy_accelerator(accel, checkpoint, solver, steps)
+    policy_accelerator(accel, checkpoint, solver, steps, **accel_options)
     seeds = list(range(seed, seed + episodes))
     threads = 2 if workers == 1 else 1
     if workers == 1:
-        outputs = [_evaluate_seeds(checkpoint, solver, steps, accel, seeds, threads)]
+        outputs = [_evaluate_seeds(checkpoint, solver, steps, accel, accel_options, seeds, threads)]
     else:
         import multiprocessing as mp
 
         parts = [seeds[k::workers] for k in range(workers)]
         with mp.get_context("spawn").Pool(workers) as pool:
-            outputs = pool.starmap(_evaluate_seeds, [(checkpoint, solver, steps, accel, part, threads) for part in parts])
+            jobs = [(checkpoint, solver, steps, accel, accel_options, part, threads) for part in parts]
+            outputs = pool.starmap(_evaluate_seeds, jobs)
     results = sorted(r for part, _, _ in outputs for r in part)
     latencies = [ms for _, part, _ in outputs for ms in part]
     chunks = [len(part) for _, part, _ in outputs]

@@ -109,3 +109,24 @@ class TransformerDenoiser(nn.Module):
         """Every layer's self-attention, cross-attention and feed-forward branch, in execution order."""
         kinds = (SelfAttentionBlock, CrossAttentionBlock, FeedForwardBlock)
         return [(name, module) for name, module in self.named_modules() if isinstance(module, kinds)]
+
+    def tokenwise_blocks(self) -> list[tuple[str, object]]:
+        """Branches whose output at an action token depends only on that token's input (and the memory),
+        each with how to cut its positional inputs down to a set of tokens. Self-attention mixes tokens."""
+        blocks = []
+        for name, module in self.named_modules():
+            if isinstance(module, FeedForwardBlock):
+                blocks.append((name, _select_feed_forward_tokens))
+            elif isinstance(module, CrossAttentionBlock):
+                blocks.append((name, _select_cross_attention_tokens))
+        return blocks
+
+
+def _select_feed_forward_tokens(args: tuple, tokens: torch.Tensor) -> tuple:
+    (x,) = args
+    return (x[:, tokens],)
+
+
+def _select_cross_attention_tokens(args: tuple, tokens: torch.Tensor) -> tuple:
+    x, memory, mask = args
+    return x[:, tokens], memory, None if mask is None else mask[tokens]

@@ -105,3 +105,79 @@ def test_bac_inside_sada_steps(policy):
     assert 3 not in plans and composed.stats()["model_calls"] == 9
     assert plans[4] == set(names)  # odd blocks: pending from step 3; even blocks: scheduled every step
     assert plans[5] == {n for k, n in enumerate(names) if k % 2 == 0}
+
+
+# Token-wise sparsity (transformer policies): partial calls recompute only the unstable action tokens.
+
+@pytest.fixture
+def transformer():
+    torch.manual_seed(0)
+    config = PolicyConfig(arch="transformer", n_layer=2, n_head=2, n_emb=16, horizon=6, n_action_steps=4)
+    return DiffusionPolicy(config).eval()
+
+
+def test_partial_call_recomputes_named_tokens_and_serves_the_rest_from_cache(transformer):
+    from runtime.accel.hooks import CacheHooks
+
+    denoiser = transformer.denoiser
+    blocks = dict(denoiser.cache_blocks())
+    tokenwise = dict(denoiser.tokenwise_blocks())
+    cond, t = torch.randn(2, 2, 5), torch.full((2,), 50)
+    tokens, others = torch.tensor([1, 4]), [0, 2, 3, 5]
+    with CacheHooks(denoiser) as hooks:
+        everything = set(hooks.cache.names)
+        hooks.cache.set_step(everything)
+        denoiser(torch.randn(2, 6, 2), t, cond)
+        stale = {name: out.clone() for name, out in hooks.cache.outputs.items()}
+        inputs = {}
+        for name, module in blocks.items():  # sees each block's full inputs at the partial call
+            module.register_forward_hook(lambda m, args, out, name=name: inputs.__setitem__(name, args))
+        hooks.cache.set_step(everything, tokens)
+        before = hooks.cache.evaluated
+        denoiser(torch.randn(2, 6, 2), t, cond)
+        partial = dict(hooks.cache.outputs)
+        n_self = len(everything) - len(tokenwise)
+        assert hooks.cache.evaluated - before == pytest.approx(n_self + len(tokenwise) * 2 / 6)
+    assert set(tokenwise) == {n for n in everything if not n.endswith("self_attn")}
+    for name in tokenwise:
+        fresh = type(blocks[name]).forward(blocks[name], *tokenwise[name](inputs[name], tokens))
+        torch.testing.assert_close(partial[name][:, tokens], fresh, rtol=0, atol=0)
+        torch.testing.assert_close(partial[name][:, others], stale[name][:, others], rtol=0, atol=0)
+    for name in everything - set(tokenwise):  # blocks that mix tokens always run in full
+        torch.testing.assert_close(partial[name], type(blocks[name]).forward(blocks[name], *inputs[name]))
+
+
+def test_selected_cross_attention_equals_full_cross_attention_at_those_tokens(transformer):
+    denoiser = transformer.denoiser
+    name, select = next((n, f) for n, f in denoiser.tokenwise_blocks() if n.endswith("cross_attn"))
+    block = dict(denoiser.cache_blocks())[name]
+    x, memory = torch.randn(2, 6, 16), torch.randn(2, 3, 16)
+    tokens = torch.tensor([0, 2, 5])
+    full = block(x, memory, denoiser.memory_mask)
+    torch.testing.assert_close(block(*select((x, memory, denoiser.memory_mask), tokens)), full[:, tokens])
+
+
+def test_sada_plans_partial_calls_and_refreshes_after_max_partial(transformer):
+    accelerator = make_accelerator("sada", threshold=-math.inf, token_threshold=math.inf, window=(0.3, 0.9),
+                                   max_partial=2)
+    plans = []
+    original = accelerator.plan_step
+    accelerator.plan_step = lambda i, x, h: plans.append(original(i, x, h)) or plans[-1]
+    run(transformer, accelerator)
+    # Steps 3..8 are in the window; every token stable but no step may be skipped -> one token per partial call.
+    assert plans == ["full"] * 3 + ["partial", "partial", "full"] * 2 + ["full"]
+    stats = accelerator.stats()
+    assert stats["model_calls"] == 10 and stats["partial_steps"] == 4
+    assert stats["block_evals_fraction"] < 1.0
+
+
+def test_sada_without_partial_calls_is_exact_on_the_transformer(transformer):
+    exact = make_accelerator("sada", threshold=-math.inf, token_threshold=-math.inf)  # every token unstable
+    torch.testing.assert_close(run(transformer, exact), run(transformer, None), rtol=0, atol=0)
+    assert exact.stats()["partial_steps"] == 0
+
+
+def test_unet_has_no_token_wise_path(policy):
+    accelerator = make_accelerator("sada", threshold=-math.inf, token_threshold=math.inf)
+    torch.testing.assert_close(run(policy, accelerator), run(policy, None), rtol=0, atol=0)
+    assert accelerator.hooks is None and accelerator.stats()["partial_steps"] == 0

@@ -1,9 +1,10 @@
 """The accelerator contract: a step-level plan before each model call, a block-level compute set within it.
 
-`plan_step(i, x, history)` answers FULL (call the model) or SKIP (no model call:
-`estimate` supplies x0 and eps from the solver's history). Within a model
-call, `should_compute(block, i)` decides per cacheable block whether it runs or
-its cached output stands in. The base class is the `none` accelerator: every
+`plan_step(i, x, history)` answers FULL (call the model), PARTIAL (call the
+model, but token-wise blocks compute only the positions in `self.tokens`) or
+SKIP (no model call: `estimate` supplies x0 and eps from the solver's history).
+Within a model call, `should_compute(block, i)` decides per cacheable block
+whether it runs or its cached output stands in. The base class is the `none` accelerator: every
 step, every block.
 """
 
@@ -15,7 +16,7 @@ from torch import nn
 from runtime.accel.hooks import CacheHooks
 from runtime.solvers import History, Solver
 
-FULL, SKIP = "full", "skip"
+FULL, PARTIAL, SKIP = "full", "partial", "skip"
 
 
 class Accelerator:
@@ -24,6 +25,7 @@ class Accelerator:
 
     def __init__(self):
         self.hooks: CacheHooks | None = None
+        self.tokens: torch.Tensor | None = None  # set by plan_step when it answers PARTIAL
         self.solver: Solver | None = None
         self.model_calls = 0
         self.steps = 0
@@ -56,7 +58,8 @@ class Accelerator:
     def before_model_call(self, i: int) -> None:
         self.model_calls += 1
         if self.hooks is not None:
-            self.hooks.cache.set_step({name for name in self.hooks.cache.names if self.should_compute(name, i)})
+            compute = {name for name in self.hooks.cache.names if self.should_compute(name, i)}
+            self.hooks.cache.set_step(compute, self.tokens)
 
     def estimate(self, i: int, x: torch.Tensor, history: History) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"accelerator {self.name} never skips a step")

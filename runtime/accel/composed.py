@@ -1,7 +1,9 @@
 """BAC inside the steps SADA keeps: SADA plans each step, BAC decides the blocks within a kept step.
 
 A block whose scheduled update fell on a skipped step has not been refreshed
-as its schedule assumed, so it computes at the next kept step instead.
+as its schedule assumed, so it computes at the next kept step instead. When
+SADA makes a kept step PARTIAL, the token-wise blocks BAC computes at that step
+run on SADA's unstable tokens only.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ class BACWithSADA(Accelerator):
 
     def bind(self, denoiser):
         self.cache.bind(denoiser)
-        self.hooks = self.cache.hooks
+        self.hooks = self.skipper.hooks = self.cache.hooks
         return self
 
     def unbind(self) -> None:
         self.cache.unbind()
-        self.hooks = None
+        self.hooks = self.skipper.hooks = None
 
     def begin(self, solver: Solver) -> None:
         super().begin(solver)
@@ -40,6 +42,7 @@ class BACWithSADA(Accelerator):
 
     def plan_step(self, i: int, x: torch.Tensor, history: History) -> str:
         plan = self.skipper.plan_step(i, x, history)
+        self.tokens = self.skipper.tokens
         if plan == SKIP:
             self._pending |= {name for name, steps in self.cache.updates.items() if i in steps}
         return plan
@@ -55,4 +58,6 @@ class BACWithSADA(Accelerator):
         return self.skipper.estimate(i, x, history)
 
     def stats(self) -> dict:
-        return {**super().stats(), "skipped_steps": self.skipper.skipped / max(self.trajectories, 1)}
+        per_trajectory = max(self.trajectories, 1)
+        return {**super().stats(), "skipped_steps": self.skipper.skipped / per_trajectory,
+                "partial_steps": self.skipper.partial / per_trajectory}

@@ -13,50 +13,92 @@ model and the solver integrates it from the last noise estimate at the current
 sample (SADA's epsilon reuse). Skips happen only inside a window of the
 trajectory and never more than `max_consecutive` in a row.
 
-The decision is made for the whole batch: a step is skipped only when every
-trajectory in it is stable, so batching requests never changes the answer for
-the worse. (SADA's code asserts batch size 1.)
+Token-wise: when the step as a whole is not stable (or may not be skipped) and
+the model lists token-wise blocks, the same score averaged over channels marks
+each token (for a policy, each action position of the chunk). The call is
+PARTIAL: token-wise blocks (feed-forward, cross-attention) recompute only the
+unstable tokens (score > token_threshold) and take the rest from the cache;
+blocks that mix tokens (self-attention) always run. After `max_partial`
+partial calls in a row the next call is full, which refreshes every token.
+
+Decisions are made for the whole batch: a step is skipped only when every
+trajectory in it is stable, and a token is reused only when it is stable in
+every trajectory, so batching requests never changes the answer for the worse.
+(SADA's code asserts batch size 1.)
 """
 
 from __future__ import annotations
 
 import torch
 
-from runtime.accel.base import FULL, SKIP, Accelerator
+from runtime.accel.base import FULL, PARTIAL, SKIP, Accelerator
 from runtime.solvers import History
 
 
 class StabilitySkip(Accelerator):
     name = "sada"
 
-    def __init__(self, threshold: float = 0.0, window: tuple[float, float] = (0.2, 0.94), max_consecutive: int = 1):
+    def __init__(self, threshold: float = 0.0, window: tuple[float, float] = (0.2, 0.94), max_consecutive: int = 1,
+                 tokenwise: bool = True, token_threshold: float | None = None, max_partial: int = 2):
         super().__init__()
-        if max_consecutive < 1:
-            raise ValueError("max_consecutive must be >= 1")
+        if max_consecutive < 1 or max_partial < 0:
+            raise ValueError("max_consecutive must be >= 1 and max_partial >= 0")
         self.threshold = threshold
         self.window = window
         self.max_consecutive = max_consecutive
-        self.skipped = 0
+        self.tokenwise = tokenwise
+        self.token_threshold = threshold if token_threshold is None else token_threshold
+        self.max_partial = max_partial
+        self.skipped = self.partial = 0
+        self._partial_run = 0
+
+    def bind(self, denoiser) -> StabilitySkip:
+        # The block cache is needed only to serve the tokens a partial call leaves out.
+        self.uses_block_cache = self.tokenwise and self.max_partial > 0 and hasattr(denoiser, "tokenwise_blocks")
+        return super().bind(denoiser)
+
+    @property
+    def tokenwise_ready(self) -> bool:
+        return self.hooks is not None and bool(self.hooks.cache.token_inputs) and self.max_partial > 0
 
     def plan_step(self, i: int, x: torch.Tensor, history: History) -> str:
+        plan = self._plan(i, x, history)
+        self._partial_run = self._partial_run + 1 if plan == PARTIAL else 0 if plan == FULL else self._partial_run
+        self.skipped += plan == SKIP
+        self.partial += plan == PARTIAL
+        return plan
+
+    def _plan(self, i: int, x: torch.Tensor, history: History) -> str:
+        self.tokens = None
         steps = len(self.solver.timesteps)
         if not (self.window[0] * steps <= i < self.window[1] * steps) or i < 3:
             return FULL
-        if len(history.model_called) >= self.max_consecutive and not any(history.model_called[-self.max_consecutive:]):
+        scores = self.token_scores(i, x, history)
+        may_skip = not (len(history.model_called) >= self.max_consecutive
+                        and not any(history.model_called[-self.max_consecutive:]))
+        if may_skip and scores.mean(1).max() <= self.threshold:
+            return SKIP
+        if not self.tokenwise_ready or self._partial_run >= self.max_partial:
             return FULL
-        if self.stability_score(i, x, history).max() > self.threshold:
+        worst = scores.max(0).values
+        unstable = torch.nonzero(worst > self.token_threshold).flatten()
+        if len(unstable) == len(worst):
             return FULL
-        self.skipped += 1
-        return SKIP
+        self.tokens = unstable if len(unstable) else worst.argmax()[None]  # one token keeps the call meaningful
+        return PARTIAL
 
     def stability_score(self, i: int, x: torch.Tensor, history: History) -> torch.Tensor:
         """mean(r * d2f) per trajectory in the batch, for the step from i-1 to i."""
+        return self.token_scores(i, x, history).mean(1)
+
+    def token_scores(self, i: int, x: torch.Tensor, history: History) -> torch.Tensor:
+        """r * d2f averaged over channels: (batch, tokens), tokens being dim 1 of the sample."""
         f = [self._drift(n, history.samples[n], history.eps[n]) for n in (i - 1, i - 2, i - 3)]
         dtau = (self.solver.timesteps[i] - self.solver.timesteps[i - 1]) / self.solver.config.num_train_timesteps
         predicted = history.samples[i - 1] + dtau * (0.625 * f[0] + 0.75 * f[1] - 0.375 * f[2])
         residual = x - predicted
         curvature = f[0] - 2 * f[1] + f[2]
-        return (residual * curvature).flatten(1).mean(1)
+        return (residual * curvature).flatten(2).mean(2)
 
     def _drift(self, n: int, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         t = self.solver.timesteps[n]
@@ -69,4 +111,6 @@ class StabilitySkip(Accelerator):
         return self.solver.predict(i, x, history.eps[-1], kind="epsilon")
 
     def stats(self) -> dict:
-        return {**super().stats(), "skipped_steps": self.skipped / max(self.trajectories, 1)}
+        per_trajectory = max(self.trajectories, 1)
+        return {**super().stats(), "skipped_steps": self.skipped / per_trajectory,
+                "partial_steps": self.partial / per_trajectory}

@@ -1,0 +1,198 @@
+"""Accelerators on the bundled PushT policies: speed-up, action fidelity and closed-loop score, in one run.
+
+    python benchmarks/accel.py [--quick] --json benchmarks/results/accel.json
+
+For each policy, each solver setting (DDIM 10 steps, DDPM 100 steps) and each
+accelerator configuration (uniform intervals, BAC budgets, SADA thresholds,
+BAC+SADA), against `none` measured in the same process:
+
+- speedup: one action-chunk inference at batch 1; every configuration of a
+  setting is timed in rotating order, `repeats` times, and medians compared;
+- block_evals_fraction and model_calls: what the accelerator counted;
+- action_mse: executed actions (normalised units, [-1, 1]) against `none` from
+  the same observation and the same initial noise, over held-out observations;
+- score_mean and score_delta: closed-loop PushT over the same seeded episodes.
+
+BAC schedules are calibrated here, one per budget, on the calibration
+observations (seed 0); fidelity uses other observations (seed 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from policies.accelerate import calibration_observations, feed_forward_blocks, policy_accelerator
+from policies.checkpoint import load_policy
+from policies.evaluate import evaluate
+from runtime.accel.bac import calibrate, record_block_outputs
+from runtime.cli import DEMOS_PATH, EVAL_SEED
+
+POLICIES = ("pusht-transformer", "pusht-unet")
+SETTINGS = (("ddim", 10), ("ddpm", 100))
+
+
+@dataclass
+class Config:
+    accel: str
+    params: dict = field(default_factory=dict)  # what the table shows
+    options: dict = field(default_factory=dict)  # what the accelerator is built with (a BAC schedule is large)
+
+    @property
+    def label(self) -> str:
+        return self.accel + "".join(f" {k}={v}" for k, v in self.params.items())
+
+
+def bac_schedule(policy, checkpoint: str, solver_name: str, steps: int, budget: int) -> dict:
+    from policies.checkpoint import checkpoint_hash
+
+    solver = policy.make_solver(solver_name, steps)
+    obs = calibration_observations(DEMOS_PATH, policy, 32, seed=0)
+    outputs = record_block_outputs(policy.denoiser, lambda: policy.predict_chunk(obs, solver, torch.Generator().manual_seed(0)))
+    schedule = calibrate(outputs, budget, feed_forward_blocks(policy.denoiser))
+    schedule.update(solver=solver_name, checkpoint_sha256=checkpoint_hash(checkpoint))
+    return schedule
+
+
+def configurations(policy, checkpoint: str, solver: str, steps: int, quick: bool) -> list[Config]:
+    if steps <= 10:
+        intervals, budgets, thresholds = (2, 3), (3, 4, 5), (0.0, 1e-3, 1e-2)
+    else:
+        intervals, budgets, thresholds = (3, 5, 8), (10, 15, 25), (0.0, 1e-3, 1e-2)
+    if quick:
+        intervals, budgets, thresholds = intervals[:1], budgets[-1:], thresholds[:1]
+    configs = [Config("none")]
+    configs += [Config("uniform", {"interval": k}, {"interval": k}) for k in intervals]
+    schedules = {b: bac_schedule(policy, checkpoint, solver, steps, b) for b in budgets}
+    configs += [Config("bac", {"budget": b}, {"schedule": s}) for b, s in schedules.items()]
+    configs += [Config("sada", {"threshold": th}, {"threshold": th}) for th in thresholds]
+    middle = budgets[len(budgets) // 2]
+    configs += [Config("bac+sada", {"budget": middle, "threshold": th}, {"schedule": schedules[middle], "threshold": th})
+                for th in thresholds[:2]]
+    return configs
+
+
+def action_mse(runners: list, observations: torch.Tensor) -> list[float]:
+    """Mean squared error of the executed actions (normalised) against the first runner's (`none`)."""
+    def executed(runner, k):
+        policy, solver, accelerator = runner
+        actions = policy.predict_actions(observations[k : k + 1], solver, torch.Generator().manual_seed(k), accelerator)
+        return policy.action_normalizer.normalize(actions)
+
+    reference = [executed(runners[0], k) for k in range(len(observations))]
+    return [float(np.mean([((executed(r, k) - reference[k]) ** 2).mean().item() for k in range(len(observations))]))
+            for r in runners]
+
+
+def interleaved_medians_ms(runners: list, observations: torch.Tensor, repeats: int) -> list[float]:
+    times = [[] for _ in runners]
+    for r in range(repeats):
+        obs = observations[r % len(observations)][None]
+        shift = r % len(runners)
+        for j in list(range(shift, len(runners))) + list(range(shift)):
+            policy, solver, accelerator = runners[j]
+            start = time.perf_counter()
+            policy.predict_actions(obs, solver, torch.Generator().manual_seed(r), accelerator)
+            times[j].append((time.perf_counter() - start) * 1e3)
+    return [float(np.median(t)) for t in times]
+
+
+def measure_setting(checkpoint: str, solver_name: str, steps: int, args) -> list[dict]:
+    policy = load_policy(checkpoint)
+    solver = policy.make_solver(solver_name, steps)
+    configs = configurations(policy, checkpoint, solver_name, steps, args.quick)
+    # One policy instance per configuration: a model carries one accelerator's hooks at a time.
+    runners = [(load_policy(checkpoint), solver, policy_accelerator(c.accel, checkpoint, solver_name, steps, **c.options))
+               for c in configs]
+    held_out = calibration_observations(DEMOS_PATH, policy, args.samples, seed=1)
+    mse = action_mse(runners, held_out)
+    counted = [accelerator.stats() for _, _, accelerator in runners]  # from the fidelity runs only
+    medians = interleaved_medians_ms(runners, held_out, args.repeats)
+    rows = []
+    for config, error, stats, median in zip(configs, mse, counted, medians):
+        row = {"policy": checkpoint, "solver": solver_name, "steps": steps, "accel": config.accel, "params": config.params,
+               "label": config.label, "speedup": medians[0] / median, "p50_ms": median, "none_p50_ms": medians[0],
+               "block_evals_fraction": stats["block_evals_fraction"], "model_calls": stats["model_calls"],
+               "action_mse": error}
+        if args.episodes:
+            report = evaluate(checkpoint, args.episodes, EVAL_SEED, solver_name, steps, accel=config.accel,
+                              workers=args.workers, accel_options=config.options)
+            row.update(score_mean=report["score_mean"], success_rate=report["success_rate"], episodes=report["episodes"])
+        rows.append(row)
+        print(f"  {config.label:<34} speedup {row['speedup']:5.2f}  blocks {row['block_evals_fraction']:.2f}  "
+              f"mse {error:.2e}  score {row.get('score_mean', float('nan')):.3f}", flush=True)
+    for row in rows:
+        row["score_delta"] = row["score_mean"] - rows[0]["score_mean"] if args.episodes else None
+    return rows
+
+
+def pareto_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["policy"], r["solver"], r["steps"]) for r in rows})
+    figure, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.8), squeeze=False)
+    markers = {"none": "k*", "uniform": "s", "bac": "o", "sada": "^", "bac+sada": "D"}
+    for ax, (policy, solver, steps) in zip(axes[0], groups):
+        for accel, marker in markers.items():
+            points = [(r["speedup"], r["score_mean"]) for r in rows
+                      if (r["policy"], r["solver"], r["steps"], r["accel"]) == (policy, solver, steps, accel)]
+            if points:
+                ax.plot(*zip(*points), marker, linestyle="", label=accel, markersize=7)
+        ax.set_title(f"{policy}, {solver} {steps}", fontsize=9)
+        ax.set_xlabel("speedup over none (batch 1)")
+        ax.set_ylabel("PushT score")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one configuration per accelerator, few repeats and episodes")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--settings", default=",".join(f"{s}{k}" for s, k in SETTINGS), help="e.g. ddim10,ddpm100")
+    parser.add_argument("--repeats", type=int, default=40, help="timed chunk inferences per configuration (>= 30)")
+    parser.add_argument("--samples", type=int, default=32, help="held-out observations for action MSE")
+    parser.add_argument("--episodes", type=int, default=50, help="closed-loop episodes per configuration (0: none)")
+    parser.add_argument("--workers", type=int, default=2, help="processes for the closed-loop episodes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for timing")
+    parser.add_argument("--json", default="benchmarks/results/accel.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.samples, args.episodes = min(args.repeats, 10), min(args.samples, 8), min(args.episodes, 4)
+
+    torch.set_num_threads(args.threads)
+    settings = [(s.rstrip("0123456789"), int(s[len(s.rstrip("0123456789")):])) for s in args.settings.split(",")]
+    rows = []
+    for checkpoint in args.policies.split(","):
+        for solver_name, steps in settings:
+            print(f"{checkpoint} {solver_name} {steps}", flush=True)
+            rows += measure_setting(checkpoint, solver_name, steps, args)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "machine": f"{platform.machine()} {platform.processor() or 'cpu'}, {torch.get_num_threads()} torch thread(s), "
+                   f"torch {torch.__version__}, python {sys.version.split()[0]}",
+        "quick": args.quick, "repeats": args.repeats, "samples": args.samples, "episodes": args.episodes,
+        "eval_seed": EVAL_SEED, "rows": rows,
+    }
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.episodes:
+        pareto_plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
