@@ -10,7 +10,7 @@ from policies.normalizer import MinMaxNormalizer
 from policies.transformer import TransformerDenoiser
 from policies.unet import ConditionalUnet1d
 from runtime.accel.base import Accelerator
-from runtime.sampling import sample
+from runtime.sampling import sample, trajectory
 from runtime.solvers import Solver, make_solver
 
 DENOISERS = {"unet": ConditionalUnet1d, "transformer": TransformerDenoiser}
@@ -35,22 +35,44 @@ class DiffusionPolicy(nn.Module):
 
     @torch.no_grad()
     def predict_chunk(self, obs: torch.Tensor, solver: Solver, generator: torch.Generator | None = None,
-                      accelerator: Accelerator | None = None) -> torch.Tensor:
-        """The whole predicted action sequence, (B, horizon, action_dim), in environment units."""
+                      accelerator: Accelerator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole predicted action sequence, (B, horizon, action_dim), in environment units.
+
+        The initial noise is drawn from `generator` unless given (a server draws it per request, so a
+        request's answer does not depend on what it was batched with)."""
         self.check_observations(obs)
         cond = self.obs_normalizer.normalize(obs.to(torch.float32))
-        noise = torch.randn(
-            (obs.shape[0], self.config.horizon, self.config.action_dim), generator=generator, dtype=torch.float32
-        )
+        if noise is None:
+            noise = self.initial_noise(obs.shape[0], generator)
         if accelerator is not None:
             accelerator.bind(self.denoiser)
         actions = sample(self.denoiser, solver, noise, cond, generator, accelerator)
         return self.action_normalizer.unnormalize(actions)
 
+    def initial_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn((batch, self.config.horizon, self.config.action_dim), generator=generator, dtype=torch.float32)
+
+    def executed(self, chunk: torch.Tensor) -> torch.Tensor:
+        """The part of a chunk that is executed: n_action_steps from the current step on."""
+        start = self.config.n_obs_steps - 1
+        return chunk[:, start : start + self.config.n_action_steps]
+
     @torch.no_grad()
     def predict_actions(self, obs: torch.Tensor, solver: Solver, generator: torch.Generator | None = None,
-                        accelerator: Accelerator | None = None) -> torch.Tensor:
+                        accelerator: Accelerator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """The actions to execute, (B, n_action_steps, action_dim): the chunk from the current step on."""
-        start = self.config.n_obs_steps - 1
-        chunk = self.predict_chunk(obs, solver, generator, accelerator)
-        return chunk[:, start : start + self.config.n_action_steps]
+        return self.executed(self.predict_chunk(obs, solver, generator, accelerator, noise))
+
+    @torch.no_grad()
+    def refine_actions(self, obs: torch.Tensor, solver: Solver, noise: torch.Tensor,
+                       accelerator: Accelerator | None = None, generator: torch.Generator | None = None):
+        """The executed actions as the trajectory refines them: the clean-sample estimate after each solver
+        step, and at the last step the final sample (what `predict_actions` returns)."""
+        self.check_observations(obs)
+        cond = self.obs_normalizer.normalize(obs.to(torch.float32))
+        if accelerator is not None:
+            accelerator.bind(self.denoiser)
+        last = len(solver.timesteps) - 1
+        for step in trajectory(self.denoiser, solver, noise, cond, generator, accelerator):
+            estimate = step.x if step.i == last else step.x0
+            yield step.i, self.executed(self.action_normalizer.unnormalize(estimate))

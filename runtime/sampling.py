@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -30,22 +31,45 @@ def sample(
     An accelerator, already bound to the denoiser, may skip whole steps (its
     estimate replaces the model's) or let cached blocks stand in within a call.
     """
+    for step in trajectory(denoiser, solver, x, cond, generator, accelerator):
+        x = step.x
+    return x
+
+
+@dataclass
+class Step:
+    i: int  # the solver step just taken
+    x: torch.Tensor  # the sample after it
+    x0: torch.Tensor  # the clean-sample estimate it was taken with
+    model_called: bool
+
+
+@torch.no_grad()
+def trajectory(
+    denoiser: Denoiser,
+    solver: Solver,
+    x: torch.Tensor,
+    cond: torch.Tensor,
+    generator: torch.Generator | None = None,
+    accelerator: Accelerator | None = None,
+) -> Iterator[Step]:
+    """`sample`, one solver step at a time: for progress streams and anytime answers."""
     from runtime.accel.base import SKIP
 
     history = History()
     if accelerator is not None:
         accelerator.begin(solver)
     for i, t in enumerate(solver.timesteps):
-        if accelerator is not None and accelerator.plan_step(i, x, history) == SKIP:
-            x0, eps = accelerator.estimate(i, x, history)
-            history.append(t, x, x0, eps, model_called=False)
-        else:
+        called = accelerator is None or accelerator.plan_step(i, x, history) != SKIP
+        if called:
             if accelerator is not None:
                 accelerator.before_model_call(i)
             timestep = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
             x0, eps = solver.predict(i, x, denoiser(x, timestep, cond))
-            history.append(t, x, x0, eps)
+        else:
+            x0, eps = accelerator.estimate(i, x, history)
+        history.append(t, x, x0, eps, model_called=called)
         x = solver.step(i, x, history, generator)
         if accelerator is not None:
             accelerator.after_step()
-    return x
+        yield Step(i, x, x0, called)

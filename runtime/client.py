@@ -1,0 +1,154 @@
+"""A client of the rtdiff server (docs/protocol.md): blocking calls, pipelined requests, reconnect with back-off.
+
+    client = Client("tcp://127.0.0.1:5555", model="pusht")
+    actions = client.act(obs, deadline_ms=200).arrays["actions"]
+
+    ids = [client.submit("act", {"obs": o}) for o in many]      # several in flight
+    replies = [client.result(i) for i in ids]
+
+A blocking call that hears nothing within `timeout_ms` drops its socket (and
+whatever was queued on it), waits a growing back-off, reconnects and sends
+again, `retries` times: `act` is stateless on the server, so resending is safe.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import defaultdict, deque
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from runtime.protocol import decode_reply, request
+
+
+class ServerError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+@dataclass
+class Reply:
+    header: dict
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def timing(self) -> dict:
+        return self.header.get("timing", {})
+
+    @property
+    def result(self) -> dict:
+        return self.header.get("result", {})
+
+
+class Client:
+    def __init__(self, address: str, model: str | None = None, timeout_ms: float = 2000, retries: int = 3,
+                 backoff_ms: tuple[float, float] = (50, 2000), curve_dir: str | Path | None = None,
+                 context: zmq.Context | None = None):
+        self.address, self.model = address, model
+        self.timeout_ms, self.retries, self.backoff_ms = timeout_ms, retries, backoff_ms
+        self.curve_dir = Path(curve_dir) if curve_dir else None
+        self.context = context or zmq.Context.instance()
+        self._ids = itertools.count(1)
+        self._replies: dict[object, deque] = defaultdict(deque)  # replies read while waiting for another id
+        self.reconnects = 0
+        self.socket = self._connect()
+
+    def _connect(self) -> zmq.Socket:
+        socket = self.context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        if self.curve_dir:
+            from zmq.auth import load_certificate
+
+            server_public, _ = load_certificate(self.curve_dir / "server.key")
+            public, secret = load_certificate(self.curve_dir / "client.key_secret")
+            socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = server_public, public, secret
+        socket.connect(self.address)
+        return socket
+
+    def reconnect(self) -> None:
+        self.socket.close(linger=0)
+        self._replies.clear()
+        self.socket = self._connect()
+        self.reconnects += 1
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- pipelined ---------------------------------------------------------------------------------------
+
+    def submit(self, op: str, arrays: dict | None = None, model: str | None = None, deadline_ms: float | None = None,
+               request_id=None, **params):
+        """Send one request without waiting; returns its id for `result`."""
+        request_id = next(self._ids) if request_id is None else request_id
+        frames = request(op, request_id, model or self.model, arrays, deadline_ms, **params)
+        self.socket.send_multipart(frames, copy=False)
+        return request_id
+
+    def result(self, request_id, timeout_ms: float | None = None) -> Reply:
+        """The reply to `request_id`; raises ServerError for an error reply, TimeoutError for none in time
+        (timeout_ms=0: only if it has already arrived)."""
+        timeout = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1e3
+        end = time.monotonic() + timeout
+        while not self._replies.get(request_id):
+            left_ms = max(0.0, (end - time.monotonic()) * 1e3)
+            if not self.socket.poll(int(math.ceil(left_ms))):  # poll(0): only what has already arrived
+                raise TimeoutError(f"no reply to request {request_id!r} from {self.address} within {timeout * 1e3:.0f} ms")
+            header, arrays = decode_reply(self.socket.recv_multipart())
+            self._replies[header.get("id")].append(Reply(header, arrays))
+        reply = self._replies[request_id].popleft()
+        if not self._replies[request_id]:
+            del self._replies[request_id]
+        if not reply.header.get("ok"):
+            error = reply.header.get("error", {})
+            raise ServerError(error.get("code", "internal"), error.get("message", ""))
+        return reply
+
+    # -- blocking ----------------------------------------------------------------------------------------
+
+    def call(self, op: str, arrays: dict | None = None, model: str | None = None, deadline_ms: float | None = None,
+             timeout_ms: float | None = None, **params) -> Reply:
+        """One request and its reply, resent on a fresh connection after each timeout (with back-off)."""
+        for attempt in range(self.retries + 1):
+            request_id = self.submit(op, arrays, model, deadline_ms, **params)
+            try:
+                return self.result(request_id, timeout_ms)
+            except TimeoutError:
+                if attempt == self.retries:
+                    raise
+                low, high = self.backoff_ms
+                time.sleep(min(high, low * 2**attempt) * random.uniform(0.5, 1.0) / 1e3)
+                self.reconnect()
+        raise AssertionError("unreachable")
+
+    def act(self, obs: np.ndarray, deadline_ms: float | None = None, seed: int | None = None, **options) -> Reply:
+        params = {} if seed is None else {"seed": seed}
+        return self.call("act", {"obs": np.asarray(obs, dtype=np.float32)}, deadline_ms=deadline_ms, **options, **params)
+
+    def info(self, **options) -> dict:
+        return self.call("info", **options).result
+
+    def stats(self, **options) -> dict:
+        return self.call("stats", **options).result
+
+    def stream(self, arrays: dict, credits: int = 4, timeout_ms: float | None = None, **params):
+        """Yields each reply of a stream, granting one credit back per reply read."""
+        request_id = self.submit("stream", arrays, credits=credits, **params)
+        while True:
+            reply = self.result(request_id, timeout_ms)
+            yield reply
+            if reply.header.get("final"):
+                return
+            self.submit("stream", request_id=request_id, grant=1)

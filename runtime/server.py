@@ -1,0 +1,389 @@
+"""The rtdiff server: one ROUTER socket, any number of named models, dynamic batching, deadlines, streams.
+
+A single thread owns the socket and the models. Each turn of the loop reads
+every waiting message (validating it completely before a model sees it),
+drops queued work whose deadline has passed, runs the batches that are due,
+and advances the streams that have credit. A batch of `act` requests for one
+model is due when it is full (`max_batch`), when its oldest request has waited
+`max_wait_ms`, or when waiting longer would finish it after the earliest
+deadline in it (judged by the model's recent compute time).
+
+Every failure is a reply with an error code (runtime/protocol.py); a reply that
+cannot be delivered (client gone, its queue full) is counted, never waited on:
+the socket is ROUTER_MANDATORY and every send is non-blocking.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from runtime.protocol import ERRORS, Limits, Message, ProtocolError, decode, error_reply, reply
+
+log = logging.getLogger("rtdiff.server")
+
+DEFAULT_CREDITS, MAX_CREDITS = 4, 64
+
+
+@dataclass
+class ServerConfig:
+    bind: str = "tcp://127.0.0.1:5555"
+    max_batch: int = 16  # 1 turns batching off
+    max_wait_ms: float = 2.0
+    max_queue: int = 256  # per model; beyond it requests are refused with `overloaded`
+    max_streams: int = 64
+    limits: Limits = field(default_factory=Limits)
+    curve_dir: str | None = None  # keys from `rtdiff keys`; None: no encryption
+    send_hwm: int = 1000
+
+
+@dataclass
+class Pending:
+    envelope: list  # routing frames to reply with
+    message: Message
+    arrival: float
+    deadline: float | None  # absolute, time.monotonic()
+
+
+@dataclass
+class Stream:
+    envelope: list
+    message: Message
+    steps: object  # the service's iterator
+    credits: int
+    arrival: float
+    deadline: float | None
+    seq: int = 0
+
+
+class Stats:
+    """Counts and latency windows (the last `window` requests), all bounded."""
+
+    def __init__(self, window: int = 10_000):
+        self.counts: dict[str, int] = defaultdict(int)
+        self.errors: dict[str, int] = defaultdict(int)
+        self.latency = {key: deque(maxlen=window) for key in ("queue_ms", "compute_ms", "total_ms")}
+        self.batch_sizes: deque[int] = deque(maxlen=window)
+
+    def record(self, queue_ms: float, compute_ms: float, total_ms: float) -> None:
+        for key, value in (("queue_ms", queue_ms), ("compute_ms", compute_ms), ("total_ms", total_ms)):
+            self.latency[key].append(value)
+
+    def report(self) -> dict:
+        def percentiles(values):
+            if not values:
+                return {"p50": None, "p99": None, "count": 0}
+            return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)), "count": len(values)}
+
+        return {
+            "counts": dict(self.counts),
+            "errors": dict(self.errors),
+            **{key: percentiles(values) for key, values in self.latency.items()},
+            "mean_batch": float(np.mean(self.batch_sizes)) if self.batch_sizes else None,
+        }
+
+
+class Server:
+    def __init__(self, services: dict, config: ServerConfig | None = None, context: zmq.Context | None = None):
+        if not services:
+            raise ValueError("a server needs at least one model")
+        self.services = services
+        self.config = config or ServerConfig()
+        self.context = context or zmq.Context.instance()
+        self.stats = Stats()
+        self.queues: dict[str, deque[Pending]] = {name: deque() for name in services}
+        self.compute_ms: dict[str, float] = {name: 0.0 for name in services}  # recent batch time, for deadlines
+        self.streams: dict[tuple, Stream] = {}
+        self.stop_event = threading.Event()
+        self._authenticator = None
+        self.socket = self._open_socket()
+        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # -- socket ------------------------------------------------------------------------------------------
+
+    def _open_socket(self) -> zmq.Socket:
+        socket = self.context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an undeliverable reply raises instead of vanishing
+        socket.setsockopt(zmq.SNDHWM, self.config.send_hwm)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_header_bytes
+                          + self.config.limits.max_arrays * self.config.limits.max_array_bytes)
+        if self.config.curve_dir:
+            self._enable_curve(socket, Path(self.config.curve_dir))
+        socket.bind(self.config.bind)
+        return socket
+
+    def _enable_curve(self, socket: zmq.Socket, keys: Path) -> None:
+        from zmq.auth import load_certificate
+        from zmq.auth.thread import ThreadAuthenticator
+
+        public, secret = load_certificate(keys / "server.key_secret")
+        if secret is None:
+            raise ValueError(f"{keys / 'server.key_secret'} holds no secret key")
+        clients = keys / "clients"
+        if clients.is_dir():  # only the clients whose public certificates are listed there
+            self._authenticator = ThreadAuthenticator(self.context)
+            self._authenticator.start()
+            self._authenticator.configure_curve(domain="*", location=str(clients))
+        socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
+
+    def _send(self, envelope: list, frames: list) -> bool:
+        try:
+            self.socket.send_multipart([*envelope, *frames], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:  # the client's queue is full: it is not reading
+            self.stats.counts["replies_dropped_full"] += 1
+        except zmq.ZMQError as error:  # EHOSTUNREACH: the client is gone
+            self.stats.counts["replies_unroutable"] += 1
+            log.debug("reply not delivered: %s", error)
+        return False
+
+    def _send_error(self, envelope: list, code: str, message: str, request_id=None, op=None) -> None:
+        self.stats.errors[code] += 1
+        self._send(envelope, error_reply(code, message, request_id, op))
+
+    # -- loop --------------------------------------------------------------------------------------------
+
+    def serve_forever(self, handle_signals: bool = False) -> None:
+        if handle_signals:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: self.stop_event.set())
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        try:
+            while not self.stop_event.is_set():
+                if poller.poll(self._poll_timeout_ms()):
+                    self._read_all()
+                now = time.monotonic()
+                self._expire(now)
+                for name in self.queues:
+                    if self._batch_due(name, now):
+                        self._run_batch(name)
+                self._advance_streams()
+        finally:
+            self._refuse_remaining()
+            self.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _poll_timeout_ms(self) -> int:
+        if any(s.credits > 0 for s in self.streams.values()):
+            return 0
+        now = time.monotonic()
+        wake = now + 0.1  # wake now and then even when idle, to notice a stop
+        for name, queue in self.queues.items():
+            if queue:
+                wake = min(wake, self._due_time(name), *(p.deadline for p in queue if p.deadline is not None))
+        return max(0, int(np.ceil((wake - now) * 1e3)))
+
+    def _read_all(self) -> None:
+        while True:
+            try:
+                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.stats.counts["received"] += 1
+            try:
+                self._handle(frames)
+            except Exception as error:  # a bug must not take the server down; the client hears of it
+                log.exception("handling a message failed")
+                self._send_error(frames[:1], "internal", f"{type(error).__name__}: {error}")
+
+    def _handle(self, frames: list) -> None:
+        # ROUTER gives [identity, body...]; REQ clients put an empty delimiter before the body.
+        envelope, body = (frames[:2], frames[2:]) if len(frames) > 1 and frames[1] == b"" else (frames[:1], frames[1:])
+        arrival = time.monotonic()
+        try:
+            message = decode(body, self.config.limits)
+        except ProtocolError as error:
+            self._send_error(envelope, error.code, error.message, error.request_id, error.op)
+            return
+        deadline = arrival + message.deadline_ms / 1e3 if message.deadline_ms is not None else None
+        try:
+            getattr(self, f"_op_{message.op}")(envelope, message, arrival, deadline)
+        except ProtocolError as error:
+            self._send_error(envelope, error.code, error.message, message.id, message.op)
+
+    def _service(self, message: Message):
+        if message.model not in self.services:
+            raise ProtocolError("unknown_model", f"model {message.model!r}; served: {sorted(self.services)}")
+        return self.services[message.model]
+
+    # -- ops ---------------------------------------------------------------------------------------------
+
+    def _op_info(self, envelope, message, arrival, deadline) -> None:
+        limits = self.config.limits
+        result = {
+            "server": "rtdiff",
+            "models": {name: service.info() for name, service in self.services.items()},
+            "limits": {"max_header_bytes": limits.max_header_bytes, "max_arrays": limits.max_arrays,
+                       "max_array_bytes": limits.max_array_bytes, "max_dims": limits.max_dims},
+            "batching": {"max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms},
+            "errors": ERRORS,
+        }
+        if message.model is not None:
+            result["models"] = {message.model: self._service(message).info()}
+        self._send(envelope, reply("info", message.id, result=result))
+
+    def _op_stats(self, envelope, message, arrival, deadline) -> None:
+        report = self.stats.report()
+        report["models"] = {name: {"queued": len(self.queues[name]), **service.stats()}
+                            for name, service in self.services.items()}
+        report["streams"] = len(self.streams)
+        self._send(envelope, reply("stats", message.id, result=report))
+
+    def _op_act(self, envelope, message, arrival, deadline) -> None:
+        service = self._service(message)
+        service.check(message)
+        queue = self.queues[message.model]
+        if len(queue) >= self.config.max_queue:
+            raise ProtocolError("overloaded", f"model {message.model!r} has {len(queue)} requests queued")
+        queue.append(Pending(envelope, message, arrival, deadline))
+
+    def _op_stream(self, envelope, message, arrival, deadline) -> None:
+        key = (envelope[0], message.id)
+        if "grant" in message.params:  # more credit for an open stream
+            grant = message.params["grant"]
+            if message.arrays or set(message.params) != {"grant"} or not _credit_count(grant):
+                raise ProtocolError("bad_message", f"a grant carries only params.grant, an integer in [1, {MAX_CREDITS}]")
+            if key in self.streams:
+                stream = self.streams[key]
+                stream.credits = min(stream.credits + grant, MAX_CREDITS)
+            else:  # the stream ended (or was cancelled) while the grant was on its way: documented drop
+                self.stats.counts["stale_grants"] += 1
+            return
+        credits = message.params.get("credits", DEFAULT_CREDITS)
+        if not _credit_count(credits):
+            raise ProtocolError("bad_message", f"credits must be an integer in [1, {MAX_CREDITS}]")
+        if key in self.streams:
+            raise ProtocolError("bad_message", f"stream {message.id!r} is already open")
+        service = self._service(message)
+        if not hasattr(service, "stream"):
+            raise ProtocolError("unsupported", f"model {message.model!r} does not stream")
+        if len(self.streams) >= self.config.max_streams:
+            raise ProtocolError("overloaded", f"{len(self.streams)} streams open")
+        request = Message(message.op, message.id, message.model, message.deadline_ms,
+                          {k: v for k, v in message.params.items() if k != "credits"}, message.arrays)
+        service.check(request)
+        self.streams[key] = Stream(envelope, request, iter(service.stream(request)), credits, arrival, deadline)
+
+    def _op_cancel(self, envelope, message, arrival, deadline) -> None:
+        target = message.params.get("target")
+        if target is None:
+            raise ProtocolError("bad_message", "cancel needs params.target, the id to cancel")
+        cancelled = False
+        for queue in self.queues.values():
+            for pending in list(queue):
+                if pending.envelope[0] == envelope[0] and pending.message.id == target:
+                    queue.remove(pending)
+                    cancelled = True
+        stream = self.streams.pop((envelope[0], target), None)
+        cancelled = cancelled or stream is not None
+        if cancelled:
+            self._send_error(envelope, "cancelled", f"request {target!r} cancelled", target)
+        self._send(envelope, reply("cancel", message.id, result={"cancelled": cancelled}))
+
+    # -- work --------------------------------------------------------------------------------------------
+
+    def _due_time(self, name: str) -> float:
+        queue = self.queues[name]
+        due = queue[0].arrival + self.config.max_wait_ms / 1e3
+        deadlines = [p.deadline for p in list(queue)[: self.config.max_batch] if p.deadline is not None]
+        if deadlines:  # start early enough that the batch finishes before its earliest deadline
+            due = min(due, min(deadlines) - self.compute_ms[name] / 1e3)
+        return due
+
+    def _batch_due(self, name: str, now: float) -> bool:
+        queue = self.queues[name]
+        return bool(queue) and (len(queue) >= self.config.max_batch or now >= self._due_time(name))
+
+    def _expire(self, now: float) -> None:
+        for queue in self.queues.values():
+            for pending in [p for p in queue if p.deadline is not None and p.deadline <= now]:
+                queue.remove(pending)
+                self._send_error(pending.envelope, "deadline_exceeded", "deadline passed while queued",
+                                 pending.message.id, "act")
+        for key, stream in list(self.streams.items()):
+            if stream.deadline is not None and stream.deadline <= now:
+                del self.streams[key]
+                self._send_error(stream.envelope, "deadline_exceeded", "stream deadline passed", stream.message.id,
+                                 "stream")
+
+    def _run_batch(self, name: str) -> None:
+        queue = self.queues[name]
+        batch = [queue.popleft() for _ in range(min(len(queue), self.config.max_batch))]
+        start = time.monotonic()
+        try:
+            outputs = self.services[name].run_batch([p.message for p in batch])
+        except Exception as error:
+            log.exception("model %s failed on a batch of %d", name, len(batch))
+            for pending in batch:
+                self._send_error(pending.envelope, "internal", f"model failed: {type(error).__name__}",
+                                 pending.message.id, "act")
+            return
+        end = time.monotonic()
+        compute_ms = (end - start) * 1e3
+        self.compute_ms[name] = 0.8 * self.compute_ms[name] + 0.2 * compute_ms if self.compute_ms[name] else compute_ms
+        self.stats.batch_sizes.append(len(batch))
+        self.stats.counts["batches"] += 1
+        for pending, arrays in zip(batch, outputs):
+            if pending.deadline is not None and end > pending.deadline:
+                self._send_error(pending.envelope, "deadline_exceeded",
+                                 f"finished {(end - pending.deadline) * 1e3:.1f} ms after the deadline",
+                                 pending.message.id, "act")
+                continue
+            timing = {"queue_ms": (start - pending.arrival) * 1e3, "compute_ms": compute_ms,
+                      "total_ms": (end - pending.arrival) * 1e3, "batch": len(batch)}
+            self.stats.record(timing["queue_ms"], compute_ms, timing["total_ms"])
+            self.stats.counts["replies_ok"] += 1
+            self._send(pending.envelope, reply("act", pending.message.id, arrays, timing=timing))
+
+    def _advance_streams(self) -> None:
+        for key, stream in list(self.streams.items()):
+            if stream.credits <= 0:
+                continue
+            start = time.monotonic()
+            try:
+                arrays, result, final = next(stream.steps)
+            except Exception as error:
+                del self.streams[key]
+                log.exception("stream %r failed", key)
+                self._send_error(stream.envelope, "internal", f"stream failed: {type(error).__name__}",
+                                 stream.message.id, "stream")
+                continue
+            end = time.monotonic()
+            timing = {"compute_ms": (end - start) * 1e3, "total_ms": (end - stream.arrival) * 1e3}
+            stream.credits -= 1
+            self._send(stream.envelope, reply("stream", stream.message.id, arrays, result=result, timing=timing,
+                                              seq=stream.seq, final=final))
+            stream.seq += 1
+            if final:
+                del self.streams[key]
+                self.stats.counts["streams_done"] += 1
+
+    def _refuse_remaining(self) -> None:
+        for queue in self.queues.values():
+            while queue:
+                pending = queue.popleft()
+                self._send_error(pending.envelope, "unavailable", "server shutting down", pending.message.id, "act")
+        for stream in self.streams.values():
+            self._send_error(stream.envelope, "unavailable", "server shutting down", stream.message.id, "stream")
+        self.streams.clear()
+
+
+def _credit_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_CREDITS

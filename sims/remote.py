@@ -1,0 +1,97 @@
+"""Simulators as clients of an rtdiff server: seeded episodes in real time, several client processes at once.
+
+Each worker process opens its own connection and runs its share of the seeds
+through a RemoteController (runtime/loop.py) at the task's control rate. The
+report has the keys of `rtdiff eval` plus client- and server-side latency
+percentiles and the stalls (ticks with no action ready).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.client import Client
+from runtime.loop import RemoteController
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p99": None, "count": 0}
+    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)), "count": len(values)}
+
+
+def _run_part(task: str, address: str, model: str, seeds: list[int], rate_hz: float, curve_dir: str | None,
+              realtime: bool) -> dict:
+    from sims.pusht import run_episodes
+
+    with Client(address, model=model, curve_dir=curve_dir) as client:
+        info = client.info()["models"][model]
+        controller = RemoteController(client, info["inputs"][0]["shape"][0], rate_hz, realtime=realtime)
+        episodes = run_episodes(controller, seeds, progress=False)
+    return {
+        "results": [(e.seed, e.score, bool(e.success), e.steps) for e in episodes],
+        "client_ms": controller.client_ms,
+        "server_ms": controller.server_ms,
+        "stalls": controller.stalls,
+        "errors": controller.errors,
+        "timeouts": controller.timeouts,
+        "info": info,
+    }
+
+
+def run_remote(task: str, address: str, model: str | None, episodes: int, seed: int, rate_hz: float,
+               workers: int = 1, curve_dir: str | None = None, realtime: bool = True) -> dict:
+    if task != "pusht":
+        raise ValueError(f"unknown task {task!r}")
+    with Client(address, model=model, curve_dir=curve_dir, retries=1) as client:
+        served = client.info()["models"]
+    if model is None:
+        if len(served) != 1:
+            raise ValueError(f"the server serves {sorted(served)}; name one with --model")
+        model = next(iter(served))
+    if model not in served:
+        raise ValueError(f"the server does not serve {model!r}; it serves {sorted(served)}")
+    seeds = list(range(seed, seed + episodes))
+    jobs = [(task, address, model, seeds[k::workers], rate_hz, curve_dir, realtime) for k in range(workers)]
+    if workers == 1:
+        parts = [_run_part(*jobs[0])]
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            parts = pool.starmap(_run_part, jobs)
+    results = sorted(r for part in parts for r in part["results"])
+    scores = [score for _, score, _, _ in results]
+    info = parts[0]["info"]
+    return {
+        "checkpoint": info["checkpoint"],
+        "model": model,
+        "server": address,
+        "solver": info["solver"],
+        "steps": info["steps"],
+        "accel": info["accel"],
+        "episodes": len(results),
+        "seeds": [s for s, _, _, _ in results],
+        "scores": scores,
+        "score_mean": float(np.mean(scores)),
+        "success_rate": float(np.mean([ok for _, _, ok, _ in results])),
+        "latency_ms": _percentiles([ms for part in parts for ms in part["client_ms"]]),
+        "server_latency_ms": {key: _percentiles([ms for part in parts for ms in part["server_ms"][key]])
+                              for key in ("queue_ms", "compute_ms", "total_ms")},
+        "stalls": sum(part["stalls"] for part in parts),
+        "ticks": sum(steps for _, _, _, steps in results),
+        "request_errors": sum(part["errors"] for part in parts),
+        "request_timeouts": sum(part["timeouts"] for part in parts),
+        "rate_hz": rate_hz,
+        "clients": workers,
+    }
+
+
+def format_remote_table(report: dict) -> str:
+    latency, server = report["latency_ms"], report["server_latency_ms"]["total_ms"]
+    header = (f"{'model':<12} {'episodes':>8} {'score':>6} {'success':>7} {'client p50':>10} {'client p99':>10} "
+              f"{'server p50':>10} {'server p99':>10} {'stalls':>6}")
+    row = (f"{report['model']:<12} {report['episodes']:>8} {report['score_mean']:>6.3f} {report['success_rate']:>7.2f} "
+           f"{latency['p50']:>10.1f} {latency['p99']:>10.1f} {server['p50']:>10.1f} {server['p99']:>10.1f} "
+           f"{report['stalls']:>6}")
+    return "\n".join([header, row])

@@ -1,0 +1,114 @@
+"""The wire format: round trips, and every malformed message refused with the code docs/protocol.md gives."""
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runtime.protocol import ERRORS, Limits, ProtocolError, decode, decode_reply, encode, error_reply, request
+
+
+def header(**overrides):
+    base = {"v": 1, "op": "act", "id": 7, "model": "pusht", "params": {},
+            "arrays": [{"name": "obs", "dtype": "float32", "shape": [2, 5]}]}
+    base.update(overrides)
+    return msgpack.packb(base)
+
+
+OBS = np.arange(10, dtype=np.float32).reshape(2, 5)
+
+
+def code_of(frames, limits=Limits()):
+    with pytest.raises(ProtocolError) as error:
+        decode(frames, limits)
+    return error.value.code
+
+
+def test_request_round_trip():
+    frames = request("act", 7, "pusht", {"obs": OBS}, deadline_ms=50, seed=3)
+    message = decode([bytes(f) for f in frames])
+    assert (message.op, message.id, message.model, message.deadline_ms, message.params) == ("act", 7, "pusht", 50, {"seed": 3})
+    np.testing.assert_array_equal(message.arrays["obs"], OBS)
+
+
+def test_reply_round_trip_and_error_reply():
+    header_, arrays = decode_reply([bytes(f) for f in encode({"op": "act", "id": "a", "ok": True}, {"x": OBS[0]})])
+    assert header_["ok"] and header_["id"] == "a"
+    np.testing.assert_array_equal(arrays["x"], OBS[0])
+    header_, arrays = decode_reply([bytes(f) for f in error_reply("bad_array", "no", 3, "act")])
+    assert header_["error"] == {"code": "bad_array", "message": "no"} and not header_["ok"] and arrays == {}
+
+
+@pytest.mark.parametrize("frames,code", [
+    ([], "bad_message"),
+    ([b"\xc1"], "bad_message"),  # never-used msgpack byte
+    ([msgpack.packb([1, 2])], "bad_message"),  # not a map
+    ([header(v=2), OBS.tobytes()], "unsupported_version"),
+    ([header(op="train"), OBS.tobytes()], "unknown_op"),
+    ([header(id=None), OBS.tobytes()], "bad_message"),
+    ([header(id=-1), OBS.tobytes()], "bad_message"),
+    ([header(id="x" * 65), OBS.tobytes()], "bad_message"),
+    ([header(deadline_ms=-5), OBS.tobytes()], "bad_message"),
+    ([header(deadline_ms=float("nan")), OBS.tobytes()], "bad_message"),
+    ([header(params=[1]), OBS.tobytes()], "bad_message"),
+    ([header()], "bad_message"),  # a frame missing
+    ([header(), OBS.tobytes(), b"extra"], "bad_message"),
+    ([header(), OBS.tobytes()[:-1]], "bad_array"),  # byte count
+    ([header(arrays=[{"name": "obs", "dtype": "float64", "shape": [2, 5]}]), OBS.astype(np.float64).tobytes()], "bad_array"),
+    ([header(arrays=[{"name": "obs", "dtype": "object", "shape": [1]}]), b"x"], "bad_array"),
+    ([header(arrays=[{"name": "obs", "dtype": "float32", "shape": [-1]}]), b""], "bad_array"),
+    ([header(arrays=[{"name": "obs", "dtype": "float32", "shape": [2**40]}]), b""], "too_large"),
+    ([header(arrays=[{"name": "obs", "dtype": "float32", "shape": [1] * 9}]), b"\0" * 4], "too_large"),
+    ([header(arrays=[{"name": "a", "dtype": "uint8", "shape": [1]}] * 2), b"x", b"y"], "bad_message"),  # repeated name
+    ([header(arrays=[{"name": "obs", "dtype": "float32"}]), OBS.tobytes()], "bad_message"),
+    ([header(arrays=[{"name": f"a{k}", "dtype": "uint8", "shape": [1]} for k in range(9)]), *[b"x"] * 9], "too_large"),
+    ([msgpack.packb({"v": 1, "op": "act", "id": 1, "pad": "x" * 70_000})], "too_large"),
+    ([msgpack.packb({"v": 1, "op": "act", "id": 1, "blob": b"\0"})], "bad_message"),  # binary values refused
+    ([msgpack.packb({"v": 1, "op": "act", "id": 1, "e": msgpack.ExtType(1, b"x")})], "bad_message"),  # ext refused
+])
+def test_malformed_messages_get_the_documented_code(frames, code):
+    assert code_of(frames) == code
+
+
+def test_the_request_id_survives_into_the_error_when_it_was_readable():
+    with pytest.raises(ProtocolError) as error:
+        decode([header(op="train", id="req-9"), OBS.tobytes()])
+    assert error.value.request_id == "req-9"
+
+
+def test_every_documented_code_is_in_the_doc():
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    for code in ERRORS:
+        assert f"`{code}`" in doc, code
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=200), min_size=0, max_size=4))
+def test_random_frames_are_refused_or_decoded_never_crash(frames):
+    try:
+        message = decode(frames)
+    except ProtocolError as error:
+        assert error.code in ERRORS
+    else:  # random bytes that happen to form a valid message must still be consistent
+        assert len(message.arrays) == len(frames) - 1
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["v", "op", "id", "model", "deadline_ms", "arrays", "params", "x"]), json_like),
+       st.lists(st.binary(max_size=64), max_size=3))
+def test_random_headers_are_refused_or_decoded_never_crash(fields, payload):
+    frames = [msgpack.packb(fields), *payload]
+    try:
+        decode(frames)
+    except ProtocolError as error:
+        assert error.code in ERRORS

@@ -1,0 +1,146 @@
+"""`rtdiff serve` as a real process: a client written from docs/protocol.md alone, clean shutdown, a server
+killed and restarted under a running episode, and CURVE keeping strangers out."""
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from policies.checkpoint import save_policy
+from policies.config import PolicyConfig
+from policies.modeling import DiffusionPolicy
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    config = PolicyConfig(arch="unet", down_dims=(8, 16), n_groups=4, diffusion_step_embed_dim=8, horizon=8,
+                          n_action_steps=4)
+    policy = DiffusionPolicy(config).eval()
+    policy.obs_normalizer.fit(torch.rand(100, 2, 5) * 500)
+    policy.action_normalizer.fit(torch.rand(100, 8, 2) * 500)
+    return save_policy(policy, tmp_path_factory.mktemp("tiny") / "policy")
+
+
+def free_address() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def start_server(checkpoint, address, *extra) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "serve", "--model", f"tiny={checkpoint}", "--bind", address,
+         "--steps", "4", "--threads", "1", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = process.stdout.readline()  # the server prints one line once it is bound
+    assert line.startswith("serving"), line
+    return process
+
+
+def test_a_client_written_from_the_protocol_doc_gets_actions(checkpoint):
+    address = free_address()
+    server = start_server(checkpoint, address)
+    try:
+        # Only pyzmq, msgpack and numpy below, exactly as docs/protocol.md describes the exchange.
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.setsockopt(zmq.RCVTIMEO, 20_000)
+        dealer.connect(address)
+        dealer.send_multipart([msgpack.packb({"v": 1, "op": "info", "id": "hello"})])
+        info = msgpack.unpackb(dealer.recv_multipart()[0])
+        assert info["ok"] and info["id"] == "hello"
+        (obs_spec,) = info["result"]["models"]["tiny"]["inputs"]
+        obs = np.full(obs_spec["shape"], 100.0, dtype="<f4")
+        header = {"v": 1, "op": "act", "id": 1, "model": "tiny", "deadline_ms": 5000,
+                  "arrays": [{"name": "obs", "dtype": "float32", "shape": list(obs.shape)}], "params": {"seed": 0}}
+        dealer.send_multipart([msgpack.packb(header), obs.tobytes()])
+        reply_header, *frames = dealer.recv_multipart()
+        reply = msgpack.unpackb(reply_header)
+        assert reply["ok"], reply
+        (descriptor,) = reply["arrays"]
+        actions = np.frombuffer(frames[0], dtype=descriptor["dtype"]).reshape(descriptor["shape"])
+        assert actions.shape == (4, 2) and np.isfinite(actions).all()
+        assert set(reply["timing"]) >= {"queue_ms", "compute_ms", "total_ms", "batch"}
+        # A REQ socket works too: the server answers with the delimiter REQ expects.
+        req = zmq.Context.instance().socket(zmq.REQ)
+        req.setsockopt(zmq.RCVTIMEO, 20_000)
+        req.connect(address)
+        req.send_multipart([msgpack.packb({"v": 1, "op": "stats", "id": 2})])
+        assert msgpack.unpackb(req.recv_multipart()[0])["ok"]
+        dealer.close(linger=0)
+        req.close(linger=0)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=20) == 0
+        assert "server stopped" in server.stdout.read()
+    finally:
+        server.kill()
+
+
+def test_a_server_killed_and_restarted_mid_episode_does_not_end_the_episode(checkpoint):
+    from runtime.client import Client
+    from runtime.loop import RemoteController
+    from sims.pusht import make_env, run_episode
+
+    address = free_address()
+    server = start_server(checkpoint, address)
+    result = {}
+    try:
+        client = Client(address, model="tiny", timeout_ms=500)
+        controller = RemoteController(client, n_obs_steps=2, rate_hz=50, request_timeout_ms=500)
+
+        def episode():
+            env = make_env()
+            result["episode"] = run_episode(env, controller, seed=1)
+            env.close()
+
+        runner = threading.Thread(target=episode)
+        runner.start()
+        time.sleep(2.0)
+        assert runner.is_alive()
+        server.kill()  # SIGKILL: no goodbye
+        server.wait()
+        server = start_server(checkpoint, address)
+        runner.join(timeout=60)
+        assert not runner.is_alive()
+        client.close()
+    finally:
+        server.kill()
+    assert result["episode"].steps == 300  # the episode ran to its end
+    assert controller.timeouts >= 1 and client.reconnects >= 1
+    assert controller.stalls > 0  # the outage showed as held actions, and was counted
+
+
+def test_curve_admits_only_clients_with_the_keys(checkpoint, tmp_path):
+    from runtime.cli import main
+    from runtime.client import Client
+
+    main(["keys", str(tmp_path / "keys")])
+    address = free_address()
+    server = start_server(checkpoint, address, "--curve", str(tmp_path / "keys"))
+    try:
+        stranger = Client(address, model="tiny", timeout_ms=1000, retries=0)  # no keys at all
+        with pytest.raises(TimeoutError):
+            stranger.info()
+        stranger.close()
+        (tmp_path / "other").mkdir()
+        from zmq.auth import create_certificates
+
+        create_certificates(tmp_path / "other", "client")  # a key pair the server does not list
+        (tmp_path / "other" / "server.key").write_bytes((tmp_path / "keys" / "server.key").read_bytes())
+        impostor = Client(address, model="tiny", timeout_ms=1000, retries=0, curve_dir=tmp_path / "other")
+        with pytest.raises(TimeoutError):
+            impostor.info()
+        impostor.close()
+        with Client(address, model="tiny", timeout_ms=20_000, curve_dir=tmp_path / "keys") as friend:
+            assert friend.act(np.full((2, 5), 100.0, np.float32)).arrays["actions"].shape == (4, 2)
+            assert friend.stats()["counts"]["received"] == 2  # the strangers' messages never reached it
+    finally:
+        server.kill()
