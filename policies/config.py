@@ -15,6 +15,7 @@ ARCHITECTURES = ("unet", "transformer")
 @dataclass
 class PolicyConfig:
     arch: str = "unet"
+    task: str = "pusht"  # the simulated task it was trained for (sims/tasks.py)
     obs_dim: int = 5
     action_dim: int = 2
     # Horizons as in Diffusion Policy: the chunk covers `horizon` steps starting `n_obs_steps - 1`

@@ -1,4 +1,4 @@
-"""Closed-loop PushT evaluation of a policy checkpoint: scores, success and inference latency."""
+"""Closed-loop evaluation of a policy checkpoint in its task's simulator: scores, success and inference latency."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from policies.accelerate import policy_accelerator
 
 def _evaluate_seeds(checkpoint: str, solver_name: str, steps: int, accel: str, accel_options: dict, seeds: list[int],
                     threads: int) -> tuple[list, list, dict]:
-    from sims.pusht import run_episodes
+    from sims.tasks import get_task
 
     torch.set_num_threads(threads)
     policy = load_policy(checkpoint)
+    run_episodes = get_task(policy.config.task).load().run_episodes
     accelerator = policy_accelerator(accel, checkpoint, solver_name, steps, **accel_options)
     controller = PolicyController(policy, policy.make_solver(solver_name, steps), accelerator)
     episodes = run_episodes(controller, seeds, progress=len(seeds) > 1)
@@ -24,12 +25,14 @@ def _evaluate_seeds(checkpoint: str, solver_name: str, steps: int, accel: str, a
 
 
 def evaluate(checkpoint: str, episodes: int, seed: int, solver: str, steps: int, accel: str = "none",
-             workers: int = 1, accel_options: dict | None = None) -> dict:
+             workers: int = 1, accel_options: dict | None = None, task: str | None = None) -> dict:
     """Runs `episodes` seeded episodes (seeds seed, seed+1, ...); with workers > 1, one torch thread each.
 
     `accel_options` go to the accelerator (a BAC `schedule`, SADA's `threshold`, ...)."""
     accel_options = accel_options or {}
     policy = load_policy(checkpoint)  # fail here, once, on a bad checkpoint, solver or accelerator
+    if task is not None and policy.config.task != task:
+        raise ValueError(f"checkpoint {checkpoint} is a {policy.config.task} policy, not {task}")
     policy.make_solver(solver, steps)
     policy_accelerator(accel, checkpoint, solver, steps, **accel_options)
     seeds = list(range(seed, seed + episodes))
@@ -52,6 +55,7 @@ def evaluate(checkpoint: str, episodes: int, seed: int, solver: str, steps: int,
     }
     scores = [score for _, score, _, _ in results]
     return {
+        "task": policy.config.task,
         "checkpoint": str(checkpoint),
         "solver": solver,
         "steps": steps,

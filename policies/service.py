@@ -39,6 +39,7 @@ class PolicyService:
     def info(self) -> dict:
         return {
             "kind": "policy",
+            "task": self.policy.config.task,
             "checkpoint": self.checkpoint,
             "checkpoint_sha256": self.hash,
             "arch": self.policy.config.arch,

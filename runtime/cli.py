@@ -11,7 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-DEMOS_PATH = Path(__file__).resolve().parent.parent / "sims" / "data" / "pusht_demos.safetensors"
+from sims.tasks import TASKS
+
+DEMOS_PATH = TASKS["pusht"].demos
 EVAL_SEED = 100_000  # evaluation seeds start here, far from the demonstration seeds 0..N-1
 
 
@@ -22,27 +24,33 @@ def _write_json(path: str | None, payload: dict) -> None:
 
 
 def cmd_expert(args) -> None:
-    from sims.pusht import run_expert, summarize
+    from sims.tasks import get_task, summarize
 
     seeds = range(args.seed, args.seed + args.episodes)
-    report = {"controller": "expert", **summarize(run_expert(seeds, workers=args.workers))}
-    print(f"expert  episodes {report['episodes']}  score_mean {report['score_mean']:.3f}  "
+    episodes = get_task(args.task).load().run_expert(seeds, workers=args.workers)
+    report = {"task": args.task, "controller": "expert", **summarize(episodes)}
+    print(f"{args.task} expert  episodes {report['episodes']}  score_mean {report['score_mean']:.3f}  "
           f"success_rate {report['success_rate']:.2f}")
     _write_json(args.json, report)
 
 
 def cmd_demos(args) -> None:
     from sims.demos import save_demos
-    from sims.pusht import demonstration, run_expert, summarize
+    from sims.tasks import get_task, summarize
 
+    task = get_task(args.task)
+    module = task.load()
     seeds = range(args.seed, args.seed + args.episodes)
-    episodes = run_expert(seeds, workers=args.workers)
+    episodes = module.run_expert(seeds, workers=args.workers)
     report = summarize(episodes)
-    meta = {"task": "pusht", "obs_type": "state", "generator": "sims.pusht_expert.PushTExpert",
+    meta = {"task": task.name, "obs_type": "state", "generator": task.expert,
             "seeds": [args.seed, args.seed + args.episodes], "score_mean": report["score_mean"],
             "success_rate": report["success_rate"],
-            "command": f"rtdiff demos pusht --episodes {args.episodes} --seed {args.seed}"}
-    save_demos(args.out, [demonstration(e) for e in episodes], meta)
+            "command": f"rtdiff demos {task.name} --episodes {args.episodes} --seed {args.seed}"}
+    args.out = args.out or str(task.demos)
+    kept = [demo for demo in map(module.demonstration, episodes) if demo is not None]  # None: not worth imitating
+    meta["episodes_kept"] = len(kept)
+    save_demos(args.out, kept, meta)
     print(f"wrote {args.out}: {len(episodes)} episodes, expert score_mean {report['score_mean']:.3f}")
 
 
@@ -59,15 +67,21 @@ def cmd_train(args) -> None:
     from policies.train import TrainConfig, train
     from sims.demos import load_demos
 
-    demos = load_demos(args.demos)
-    config = PolicyConfig(arch=args.arch, **ARCH_DEFAULTS[args.arch])
+    from sims.tasks import get_task
+
+    task = get_task(args.task)
+    demos = load_demos(args.demos or task.demos)
+    if demos.meta.get("task", task.name) != task.name:
+        raise ValueError(f"{args.demos} holds {demos.meta['task']} demonstrations, not {task.name}")
+    config = PolicyConfig(arch=args.arch, task=task.name, obs_dim=demos.observations.shape[1],
+                          action_dim=demos.actions.shape[1], **ARCH_DEFAULTS[args.arch])
     args.lr = args.lr or ARCH_LR[args.arch]
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                threads=args.threads)
     policy, report = train(demos, config, train_config)
-    command = (f"rtdiff train pusht --arch {args.arch} --steps {args.steps} --batch-size {args.batch_size} "
+    command = (f"rtdiff train {task.name} --arch {args.arch} --steps {args.steps} --batch-size {args.batch_size} "
                f"--lr {args.lr} --seed {args.seed}")
-    out = args.out or CHECKPOINTS / f"pusht-{args.arch}"
+    out = args.out or CHECKPOINTS / f"{task.name}-{args.arch}"
     save_policy(policy, out, metadata={"command": command, "demos": demos.meta.get("command", ""), **report})
     print(f"wrote {out}: {report}")
 
@@ -75,34 +89,43 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from policies.evaluate import evaluate, format_table
 
+    args.checkpoint = args.checkpoint or f"{args.task}-unet"
     report = evaluate(args.checkpoint, args.episodes, args.seed, args.solver, args.steps, accel=args.accel,
-                      workers=args.workers)
+                      workers=args.workers, task=args.task)
     print(format_table([report]))
     _write_json(args.json, report)
 
 
 def cmd_demo(args) -> None:
-    """What `make demo` runs: the bundled UNet policy on 10 seeded episodes, and one rollout on video."""
-    import imageio.v2 as imageio
+    """What `make demo` runs: a server process with the bundled UNet policy and a sim client process that
+    runs seeded episodes against it over ZeroMQ in real time, prints the table, writes one rollout as a
+    video, and then the server is shut down."""
+    import signal
+    import subprocess
+    import tempfile
 
-    from policies.checkpoint import load_policy
-    from policies.controller import PolicyController
-    from policies.evaluate import evaluate, format_table
-    from sims.pusht import make_env, run_episode
-
-    from policies.accelerate import policy_accelerator
-
-    report = evaluate(args.checkpoint, args.episodes, args.seed, args.solver, args.steps, accel=args.accel)
-    print(format_table([report]))
-    policy = load_policy(args.checkpoint)
-    env = make_env(render=True)
-    controller = PolicyController(policy, policy.make_solver(args.solver, args.steps), policy_accelerator(args.accel, args.checkpoint, args.solver, args.steps))
-    episode = run_episode(env, controller, args.seed, render=True)
-    env.close()
-    Path(args.video).parent.mkdir(parents=True, exist_ok=True)
-    imageio.mimsave(args.video, episode.frames, fps=10)
-    _write_json(args.json, report)
-    print(f"rollout of seed {args.seed} (score {episode.score:.3f}): {Path(args.video).resolve()}")
+    checkpoint = args.checkpoint or f"{args.task}-unet"
+    with tempfile.TemporaryDirectory(prefix="rtdiff-demo-") as workdir:
+        address = f"ipc://{workdir}/server.ipc"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "serve", "--model", f"{args.task}={checkpoint}", "--bind", address,
+             "--solver", args.solver, "--steps", str(args.steps), "--accel", args.accel, "--threads", "1"],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            line = server.stdout.readline()
+            if not line.startswith("serving"):
+                raise ValueError(f"the server did not start (exit {server.wait()}): {line.strip()}")
+            print(line.strip(), flush=True)
+            sim = subprocess.run(
+                [sys.executable, "-m", "runtime.cli", "sim", args.task, "--server", address, "--episodes",
+                 str(args.episodes), "--seed", str(args.seed), "--workers", str(args.workers), "--video", args.video,
+                 "--json", args.json])
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+    if sim.returncode != 0:
+        raise ValueError(f"the sim client failed (exit {sim.returncode})")
+    print(f"rollout of seed {args.seed}: {Path(args.video).resolve()}; report: {Path(args.json).resolve()}")
 
 
 def cmd_calibrate(args) -> None:
@@ -143,7 +166,7 @@ def cmd_sim(args) -> None:
     from sims.remote import format_remote_table, run_remote
 
     report = run_remote(args.task, args.server, args.model, args.episodes, args.seed, args.rate, args.workers,
-                        curve_dir=args.curve)
+                        curve_dir=args.curve, video=args.video)
     print(format_remote_table(report))
     _write_json(args.json, report)
 
@@ -167,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     expert = commands.add_parser("expert", help="run the scripted PushT expert and report its score")
-    expert.add_argument("task", choices=["pusht"])
+    expert.add_argument("task", choices=sorted(TASKS))
     expert.add_argument("--episodes", type=int, default=50)
     expert.add_argument("--seed", type=int, default=EVAL_SEED)
     expert.add_argument("--workers", type=int, default=2)
@@ -175,28 +198,28 @@ def build_parser() -> argparse.ArgumentParser:
     expert.set_defaults(run=cmd_expert)
 
     demos = commands.add_parser("demos", help="generate expert demonstrations into one safetensors file")
-    demos.add_argument("task", choices=["pusht"])
+    demos.add_argument("task", choices=sorted(TASKS))
     demos.add_argument("--episodes", type=int, default=200)
     demos.add_argument("--seed", type=int, default=0)
     demos.add_argument("--workers", type=int, default=2)
-    demos.add_argument("--out", default=str(DEMOS_PATH))
+    demos.add_argument("--out", help="demonstration file (default: the bundled one for the task)")
     demos.set_defaults(run=cmd_demos)
 
     train = commands.add_parser("train", help="train a diffusion policy on the PushT demonstrations (CPU)")
-    train.add_argument("task", choices=["pusht"])
+    train.add_argument("task", choices=sorted(TASKS))
     train.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="unet")
     train.add_argument("--steps", type=int, default=4000)
     train.add_argument("--batch-size", type=int, default=256)
     train.add_argument("--lr", type=float, help="peak learning rate (default: per architecture)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it slightly)")
-    train.add_argument("--demos", default=str(DEMOS_PATH))
-    train.add_argument("--out", help="checkpoint folder (default: the bundled pusht-ARCH)")
+    train.add_argument("--demos", help="demonstration file (default: the bundled one for the task)")
+    train.add_argument("--out", help="checkpoint folder (default: the bundled TASK-ARCH)")
     train.set_defaults(run=cmd_train)
 
     def add_eval_options(sub, episodes: int) -> None:
-        sub.add_argument("task", choices=["pusht"])
-        sub.add_argument("--checkpoint", default="pusht-unet", help="bundled name or checkpoint folder")
+        sub.add_argument("task", choices=sorted(TASKS))
+        sub.add_argument("--checkpoint", help="bundled name or checkpoint folder (default: TASK-unet)")
         sub.add_argument("--episodes", type=int, default=episodes)
         sub.add_argument("--seed", type=int, default=EVAL_SEED)
         sub.add_argument("--solver", default="ddim", help="ddim | ddpm | dpmpp")
@@ -222,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=1, help="parallel processes (one torch thread each)")
     evaluate.set_defaults(run=cmd_eval)
 
-    demo = commands.add_parser("demo", help="evaluate the bundled UNet policy and write a rollout video")
+    demo = commands.add_parser("demo", help="serve the bundled UNet policy and run the sim against it over ZeroMQ")
     add_eval_options(demo, episodes=10)
+    demo.add_argument("--workers", type=int, default=5, help="sim client processes (episodes run in real time)")
     demo.add_argument("--video", default="out/pusht_rollout.mp4")
     demo.set_defaults(run=cmd_demo, json="out/demo.json")
 
@@ -235,20 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--steps", type=int, default=10)
     serve.add_argument("--accel", default="none")
     serve.add_argument("--max-batch", type=int, default=16, help="1 turns dynamic batching off")
-    serve.add_argument("--max-wait-ms", type=float, default=2.0)
+    serve.add_argument("--max-wait-ms", type=float, default=0.0,
+                       help="how long a request may wait for others to batch with (0: none; load makes batches)")
     serve.add_argument("--threads", type=int, default=2)
     serve.add_argument("--curve", metavar="KEYDIR", help="encrypt and authenticate with the keys `rtdiff keys` made")
     serve.set_defaults(run=cmd_serve)
 
     sim = commands.add_parser("sim", help="run a simulator as a client of an rtdiff server, in real time")
-    sim.add_argument("task", choices=["pusht"])
+    sim.add_argument("task", choices=sorted(TASKS))
     sim.add_argument("--server", default="tcp://127.0.0.1:5555")
     sim.add_argument("--model", help="served model name (default: the only one)")
     sim.add_argument("--episodes", type=int, default=50)
     sim.add_argument("--seed", type=int, default=EVAL_SEED)
-    sim.add_argument("--rate", type=float, default=10.0, help="control rate, Hz")
+    sim.add_argument("--rate", type=float, help="control rate, Hz (default: the task's, 10 for PushT, 20 for Lift)")
     sim.add_argument("--workers", type=int, default=1, help="client processes, each running its share of episodes")
     sim.add_argument("--curve", metavar="KEYDIR")
+    sim.add_argument("--video", help="write the first episode as a video (mp4 or gif)")
     sim.add_argument("--json")
     sim.set_defaults(run=cmd_sim)
 

@@ -37,7 +37,9 @@ DEFAULT_CREDITS, MAX_CREDITS = 4, 64
 class ServerConfig:
     bind: str = "tcp://127.0.0.1:5555"
     max_batch: int = 16  # 1 turns batching off
-    max_wait_ms: float = 2.0
+    # 0: run whatever is queued as soon as the model is free. Requests that arrive while it computes form
+    # the next batch, so batches grow with load and a lone request never waits for company.
+    max_wait_ms: float = 0.0
     max_queue: int = 256  # per model; beyond it requests are refused with `overloaded`
     max_streams: int = 64
     limits: Limits = field(default_factory=Limits)
@@ -283,8 +285,8 @@ class Server:
 
     def _op_cancel(self, envelope, message, arrival, deadline) -> None:
         target = message.params.get("target")
-        if target is None:
-            raise ProtocolError("bad_message", "cancel needs params.target, the id to cancel")
+        if isinstance(target, bool) or not isinstance(target, (int, str)):
+            raise ProtocolError("bad_message", "cancel needs params.target, the id (integer or string) to cancel")
         cancelled = False
         for queue in self.queues.values():
             for pending in list(queue):

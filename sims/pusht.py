@@ -126,15 +126,3 @@ def demonstration(episode: Episode) -> tuple[np.ndarray, np.ndarray]:
     """The episode up to its best moment: what follows is the expert idling or dithering at the goal."""
     end = int(np.argmax(episode.rewards)) + 1
     return episode.observations[:end], episode.actions[:end]
-
-
-def summarize(episodes: list[Episode]) -> dict:
-    scores = [e.score for e in episodes]
-    return {
-        "episodes": len(episodes),
-        "seeds": [e.seed for e in episodes],
-        "scores": scores,
-        "score_mean": float(np.mean(scores)),
-        "success_rate": float(np.mean([e.success for e in episodes])),
-        "steps_mean": float(np.mean([e.steps for e in episodes])),
-    }

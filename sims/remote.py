@@ -8,6 +8,8 @@ percentiles and the stalls (ticks with no action ready).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from runtime.client import Client
@@ -21,13 +23,25 @@ def _percentiles(values: list[float]) -> dict:
 
 
 def _run_part(task: str, address: str, model: str, seeds: list[int], rate_hz: float, curve_dir: str | None,
-              realtime: bool) -> dict:
-    from sims.pusht import run_episodes
+              realtime: bool, video: str | None = None) -> dict:
+    from sims.tasks import get_task
 
+    module = get_task(task).load()
     with Client(address, model=model, curve_dir=curve_dir) as client:
         info = client.info()["models"][model]
         controller = RemoteController(client, info["inputs"][0]["shape"][0], rate_hz, realtime=realtime)
-        episodes = run_episodes(controller, seeds, progress=False)
+        episodes = []
+        if video and seeds:  # the first episode rendered and written as a video
+            import imageio.v2 as imageio
+
+            env = module.make_env(render=True)
+            episodes.append(module.run_episode(env, controller, seeds[0], render=True))
+            env.close()
+            Path(video).parent.mkdir(parents=True, exist_ok=True)
+            imageio.mimsave(video, episodes[0].frames, fps=module.CONTROL_HZ)
+            episodes[0].frames.clear()
+            seeds = seeds[1:]
+        episodes += module.run_episodes(controller, seeds, progress=False)
     return {
         "results": [(e.seed, e.score, bool(e.success), e.steps) for e in episodes],
         "client_ms": controller.client_ms,
@@ -39,10 +53,12 @@ def _run_part(task: str, address: str, model: str, seeds: list[int], rate_hz: fl
     }
 
 
-def run_remote(task: str, address: str, model: str | None, episodes: int, seed: int, rate_hz: float,
-               workers: int = 1, curve_dir: str | None = None, realtime: bool = True) -> dict:
-    if task != "pusht":
-        raise ValueError(f"unknown task {task!r}")
+def run_remote(task: str, address: str, model: str | None, episodes: int, seed: int, rate_hz: float | None = None,
+               workers: int = 1, curve_dir: str | None = None, realtime: bool = True, video: str | None = None) -> dict:
+    """`episodes` seeded episodes split over `workers` client processes; `video`: the first one, rendered."""
+    from sims.tasks import get_task
+
+    rate_hz = rate_hz or get_task(task).load().CONTROL_HZ
     with Client(address, model=model, curve_dir=curve_dir, retries=1) as client:
         served = client.info()["models"]
     if model is None:
@@ -51,8 +67,11 @@ def run_remote(task: str, address: str, model: str | None, episodes: int, seed: 
         model = next(iter(served))
     if model not in served:
         raise ValueError(f"the server does not serve {model!r}; it serves {sorted(served)}")
+    if served[model].get("task") != task:
+        raise ValueError(f"model {model!r} is a {served[model].get('task')} policy, not {task}")
     seeds = list(range(seed, seed + episodes))
-    jobs = [(task, address, model, seeds[k::workers], rate_hz, curve_dir, realtime) for k in range(workers)]
+    jobs = [(task, address, model, seeds[k::workers], rate_hz, curve_dir, realtime, video if k == 0 else None)
+            for k in range(workers)]
     if workers == 1:
         parts = [_run_part(*jobs[0])]
     else:
@@ -64,6 +83,7 @@ def run_remote(task: str, address: str, model: str | None, episodes: int, seed: 
     scores = [score for _, score, _, _ in results]
     info = parts[0]["info"]
     return {
+        "task": task,
         "checkpoint": info["checkpoint"],
         "model": model,
         "server": address,

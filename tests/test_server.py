@@ -71,8 +71,8 @@ def test_act_answers_with_the_same_actions_as_the_policy_in_process(server, tiny
     assert reply.timing["batch"] == 1 and reply.timing["total_ms"] >= reply.timing["compute_ms"]
 
 
-def test_pipelined_requests_are_batched_and_each_keeps_its_own_answer(server):
-    with Client(server.address, model="tiny") as client:
+def test_pipelined_requests_are_batched_and_each_keeps_its_own_answer(tiny_checkpoint):
+    with Running(tiny_checkpoint, max_wait_ms=100) as server, Client(server.address, model="tiny") as client:
         alone = {k: client.act(obs(k), seed=k).arrays["actions"] for k in range(6)}
         ids = {client.submit("act", {"obs": obs(k)}, seed=k): k for k in range(6)}
         replies = {k: client.result(i) for i, k in ids.items()}
@@ -186,8 +186,10 @@ garbage = st.one_of(
                                      "id": st.one_of(st.integers(-5, 2**65), st.text(max_size=70))},
                                     optional={"model": st.sampled_from(["tiny", "nope", 3]),
                                               "deadline_ms": st.one_of(st.floats(), st.integers(-1, 10)),
-                                              "params": st.dictionaries(st.sampled_from(["seed", "credits", "grant", "target"]),
-                                                                        st.integers(-3, 2**64)),
+                                              "params": st.dictionaries(
+                                                  st.sampled_from(["seed", "credits", "grant", "target"]),
+                                                  st.one_of(st.integers(-3, 2**64), st.text(max_size=4),
+                                                            st.lists(st.integers(), max_size=2))),
                                               "arrays": st.lists(st.fixed_dictionaries({
                                                   "name": st.sampled_from(["obs", "x"]),
                                                   "dtype": st.sampled_from(["float32", "float64", "uint8", "int64"]),
@@ -252,6 +254,7 @@ def test_fuzzed_messages_get_replies_and_the_server_keeps_serving(tiny_checkpoin
         open_streams, queued = len(server.streams), sum(map(len, server.queues.values()))
     assert len(replies) >= counts["sent"] - counts["may_drop"]
     assert all(ok or code in ERRORS for ok, code in replies)
+    assert not [code for _, code in replies if code == "internal"]  # malformed input is never a server fault
     assert any(not ok for ok, _ in replies) and queued == 0
     assert open_streams <= 64
     assert grown < 100_000, [str(stat) for stat in growth[:5]]

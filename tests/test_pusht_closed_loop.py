@@ -1,0 +1,23 @@
+"""The done-criterion of the bundled policies, run in full: 50 seeded episodes each (slow; `make test-slow`)."""
+
+import pytest
+
+from policies.evaluate import evaluate
+from runtime.cli import EVAL_SEED
+
+EPISODES = 50
+
+
+@pytest.fixture(scope="module")
+def expert_score():
+    from sims.pusht import run_expert
+    from sims.tasks import summarize
+
+    return summarize(run_expert(range(EVAL_SEED, EVAL_SEED + EPISODES), workers=2))["score_mean"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint", ["pusht-unet", "pusht-transformer"])
+def test_bundled_policy_reaches_90_percent_of_the_expert(checkpoint, expert_score):
+    report = evaluate(checkpoint, EPISODES, EVAL_SEED, "ddim", 10, workers=2)
+    assert report["score_mean"] >= 0.9 * expert_score, (report["score_mean"], expert_score)
