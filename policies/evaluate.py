@@ -40,12 +40,11 @@ def evaluate(checkpoint: str, episodes: int, seed: int, solver: str, steps: int,
     if workers == 1:
         outputs = [_evaluate_seeds(checkpoint, solver, steps, accel, accel_options, seeds, threads)]
     else:
-        import multiprocessing as mp
+        from runtime.parallel import starmap_processes
 
         parts = [seeds[k::workers] for k in range(workers)]
-        with mp.get_context("spawn").Pool(workers) as pool:
-            jobs = [(checkpoint, solver, steps, accel, accel_options, part, threads) for part in parts]
-            outputs = pool.starmap(_evaluate_seeds, jobs)
+        outputs = starmap_processes(_evaluate_seeds, [(checkpoint, solver, steps, accel, accel_options, part, threads)
+                                                      for part in parts])
     results = sorted(r for part, _, _ in outputs for r in part)
     latencies = [ms for _, part, _ in outputs for ms in part]
     chunks = [len(part) for _, part, _ in outputs]

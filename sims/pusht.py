@@ -117,8 +117,15 @@ def run_expert(seeds, workers: int = 2) -> list[Episode]:
 
     from tqdm import tqdm
 
-    with mp.get_context("spawn").Pool(workers) as pool:
+    pool = mp.get_context("spawn").Pool(workers)
+    try:
         parts = list(tqdm(pool.imap(_expert_episodes, [[s] for s in seeds]), total=len(seeds), desc="expert", unit="ep"))
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()  # the workers exit on their own (terminating them leaks their semaphores)
+    pool.join()
     return [episode for part in parts for episode in part]
 
 

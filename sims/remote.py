@@ -75,10 +75,9 @@ def run_remote(task: str, address: str, model: str | None, episodes: int, seed: 
     if workers == 1:
         parts = [_run_part(*jobs[0])]
     else:
-        import multiprocessing as mp
+        from runtime.parallel import starmap_processes
 
-        with mp.get_context("spawn").Pool(workers) as pool:
-            parts = pool.starmap(_run_part, jobs)
+        parts = starmap_processes(_run_part, jobs)
     results = sorted(r for part in parts for r in part["results"])
     scores = [score for _, score, _, _ in results]
     info = parts[0]["info"]

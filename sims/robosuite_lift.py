@@ -148,8 +148,7 @@ def run_expert(seeds, workers: int = 2) -> list[Episode]:
     seeds = [int(s) for s in seeds]
     if workers <= 1:
         return _expert_episodes(seeds)
-    import multiprocessing as mp
+    from runtime.parallel import starmap_processes
 
-    with mp.get_context("spawn").Pool(workers) as pool:
-        parts = pool.map(_expert_episodes, [seeds[k::workers] for k in range(workers)])
+    parts = starmap_processes(_expert_episodes, [(seeds[k::workers],) for k in range(workers)])
     return sorted((e for part in parts for e in part), key=lambda e: e.seed)
