@@ -41,9 +41,10 @@ def cmd_demos(args) -> None:
     task = get_task(args.task)
     module = task.load()
     seeds = range(args.seed, args.seed + args.episodes)
-    episodes = module.run_expert(seeds, workers=args.workers)
+    noise = {"noise": task.demo_noise} if task.demo_noise else {}
+    episodes = module.run_expert(seeds, workers=args.workers, **noise)
     report = summarize(episodes)
-    meta = {"task": task.name, "obs_type": "state", "generator": task.expert,
+    meta = {"task": task.name, "obs_type": "state", "generator": task.expert, "execution_noise": task.demo_noise,
             "seeds": [args.seed, args.seed + args.episodes], "score_mean": report["score_mean"],
             "success_rate": report["success_rate"],
             "command": f"rtdiff demos {task.name} --episodes {args.episodes} --seed {args.seed}"}
@@ -80,7 +81,7 @@ def cmd_train(args) -> None:
                                threads=args.threads)
     policy, report = train(demos, config, train_config)
     command = (f"rtdiff train {task.name} --arch {args.arch} --steps {args.steps} --batch-size {args.batch_size} "
-               f"--lr {args.lr} --seed {args.seed}")
+               f"--lr {args.lr} --seed {args.seed} --threads {args.threads}")
     out = args.out or CHECKPOINTS / f"{task.name}-{args.arch}"
     save_policy(policy, out, metadata={"command": command, "demos": demos.meta.get("command", ""), **report})
     print(f"wrote {out}: {report}")

@@ -98,9 +98,15 @@ def run_episodes(controller, seeds, progress: bool = True) -> list[Episode]:
 class LiftExpert:
     """Reach above the cube, descend, close, lift: proportional control on the end effector's position.
 
-    Each episode draws its own hover height, approach gain and grasp depth, so demonstrations differ in
-    how they approach the cube, not only in where it is.
+    Reactive: the phase is read from the state at every tick (where the hand is relative to the cube,
+    how far the fingers have closed), so after a slip or a missed grasp it opens and tries again. Each
+    episode draws its own hover height, approach gain and grasp depth, so demonstrations differ in how
+    they approach the cube, not only in where it is.
     """
+
+    # Finger joint positions (robot0_gripper_qpos[0]): ~0.039 open, ~0.028 closed on the cube, ~0 on nothing.
+    OPEN, HOLD_LOW, HOLD_HIGH = 0.036, 0.012, 0.033
+    SETTLE_TICKS = 3  # fingers in the holding range this long before lifting: the grip has stopped closing
 
     def __init__(self):
         self.reset(0)
@@ -110,29 +116,49 @@ class LiftExpert:
         self.hover = rng.uniform(0.06, 0.12)
         self.gain = rng.uniform(8.0, 14.0)
         self.grasp_depth = rng.uniform(-0.005, 0.005)
-        self.phase, self.closing = "reach", 0
+        self.settled = 0
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        eef, cube = obs[0:3], obs[9:12]
-        grip = -1.0
-        if self.phase == "reach":
-            target = cube + [0.0, 0.0, self.hover]
-            if np.linalg.norm(target - eef) < 0.01:
-                self.phase = "descend"
-        if self.phase == "descend":
-            target = cube + [0.0, 0.0, self.grasp_depth]
-            if np.linalg.norm(target - eef) < 0.008:
-                self.phase = "close"
-        if self.phase == "close":
-            target, grip = cube + [0.0, 0.0, self.grasp_depth], 1.0
-            self.closing += 1
-            if self.closing >= 8:
-                self.phase = "lift"
-        if self.phase == "lift":
-            target, grip = eef + [0.0, 0.0, 0.1], 1.0
-            target[:2] = cube[:2]
+        eef, finger, cube = obs[0:3], obs[7], obs[9:12]
+        grasp_point = cube + [0.0, 0.0, self.grasp_depth]
+        offset = grasp_point - eef
+        aligned = np.linalg.norm(offset[:2]) < 0.012
+        near = aligned and abs(offset[2]) < 0.015
+        gripping = self.HOLD_LOW < finger < self.HOLD_HIGH and np.linalg.norm(offset) < 0.03  # the cube is in hand
+        self.settled = self.settled + 1 if gripping else 0
+        if self.settled >= self.SETTLE_TICKS:  # holding the cube: lift it straight up
+            target, grip = np.array([cube[0], cube[1], eef[2] + 0.1]), 1.0
+        elif (near or gripping) and finger > self.HOLD_LOW:  # in place: close (or keep closing)
+            target, grip = grasp_point, 1.0
+        elif aligned and finger > self.OPEN:  # above the cube, hand open: go down
+            target, grip = grasp_point, -1.0
+        elif finger <= self.OPEN:  # closed on nothing, or not yet open: open where we are
+            target, grip = eef + [0.0, 0.0, 0.01], -1.0
+        else:  # open, not above the cube: hover over it
+            target, grip = cube + [0.0, 0.0, self.hover], -1.0
         move = np.clip(self.gain * (target - eef), -1.0, 1.0)
         return np.concatenate([move, np.zeros(3), [grip]]).astype(np.float32)
+
+
+class NoisyExecution:
+    """Executes the expert's action plus Gaussian noise, remembering the clean action as the label (DART):
+    the demonstrations then show how to come back from small mistakes, which a policy will make."""
+
+    def __init__(self, expert, scale: float):
+        self.expert, self.scale = expert, scale
+        self.clean: list[np.ndarray] = []
+
+    def reset(self, seed: int) -> None:
+        self.expert.reset(seed)
+        self.rng = np.random.default_rng(seed + 104729)
+        self.clean = []
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        action = self.expert.act(obs)
+        self.clean.append(action)
+        noise = self.rng.normal(0.0, self.scale, size=action.shape).astype(np.float32)
+        noise[-1] = 0.0  # the gripper command stays the expert's
+        return action + noise
 
 
 def demonstration(episode: Episode) -> tuple[np.ndarray, np.ndarray] | None:
@@ -140,15 +166,25 @@ def demonstration(episode: Episode) -> tuple[np.ndarray, np.ndarray] | None:
     return (episode.observations, episode.actions) if episode.success else None
 
 
-def _expert_episodes(seeds: list[int]) -> list[Episode]:
-    return run_episodes(LiftExpert(), seeds, progress=False)
+def _expert_episodes(seeds: list[int], noise: float = 0.0) -> list[Episode]:
+    if not noise:
+        return run_episodes(LiftExpert(), seeds, progress=False)
+    controller, env, episodes = NoisyExecution(LiftExpert(), noise), make_env(), []
+    for seed in seeds:
+        episode = run_episode(env, controller, seed)
+        episode.actions = np.stack(controller.clean)  # the labels are the expert's clean actions
+        episodes.append(episode)
+    env.close()
+    return episodes
 
 
-def run_expert(seeds, workers: int = 2) -> list[Episode]:
+def run_expert(seeds, workers: int = 2, noise: float = 0.0) -> list[Episode]:
+    """The expert over `seeds`; with `noise`, its actions are executed with that much Gaussian noise (the
+    recorded actions stay clean), which is how the demonstrations are made."""
     seeds = [int(s) for s in seeds]
     if workers <= 1:
-        return _expert_episodes(seeds)
+        return _expert_episodes(seeds, noise)
     from runtime.parallel import starmap_processes
 
-    parts = starmap_processes(_expert_episodes, [(seeds[k::workers],) for k in range(workers)])
+    parts = starmap_processes(_expert_episodes, [(seeds[k::workers], noise) for k in range(workers)])
     return sorted((e for part in parts for e in part), key=lambda e: e.seed)

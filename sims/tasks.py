@@ -22,6 +22,7 @@ class Task:
     module: str
     demos: Path
     expert: str  # what generated the demonstrations
+    demo_noise: float = 0.0  # Gaussian noise on the expert's executed actions while recording (DART)
 
     def load(self):
         return importlib.import_module(self.module)
@@ -29,7 +30,8 @@ class Task:
 
 TASKS = {
     "pusht": Task("pusht", "sims.pusht", DATA / "pusht_demos.safetensors", "sims.pusht_expert.PushTExpert"),
-    "lift": Task("lift", "sims.robosuite_lift", DATA / "lift_demos.safetensors", "sims.robosuite_lift.LiftExpert"),
+    "lift": Task("lift", "sims.robosuite_lift", DATA / "lift_demos.safetensors", "sims.robosuite_lift.LiftExpert",
+                 demo_noise=0.1),
 }
 
 
