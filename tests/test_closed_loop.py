@@ -1,4 +1,4 @@
-"""The done-criterion of the bundled policies, run in full: 50 seeded episodes each (slow; `make test-slow`)."""
+"""The done-criteria of the bundled policies, run in full: 50 seeded episodes each (slow; `make test-slow`)."""
 
 import pytest
 
@@ -21,3 +21,13 @@ def expert_score():
 def test_bundled_policy_reaches_90_percent_of_the_expert(checkpoint, expert_score):
     report = evaluate(checkpoint, EPISODES, EVAL_SEED, "ddim", 10, workers=2)
     assert report["score_mean"] >= 0.9 * expert_score, (report["score_mean"], expert_score)
+
+
+@pytest.mark.slow
+def test_bundled_lift_policy_reaches_90_percent_of_the_expert():
+    from sims.robosuite_lift import run_expert
+    from sims.tasks import summarize
+
+    expert = summarize(run_expert(range(EVAL_SEED, EVAL_SEED + EPISODES), workers=2))["success_rate"]
+    report = evaluate("lift-unet", EPISODES, EVAL_SEED, "ddim", 10, workers=2, task="lift")
+    assert report["success_rate"] >= 0.9 * expert, (report["success_rate"], expert)
