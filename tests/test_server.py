@@ -183,13 +183,13 @@ garbage = st.one_of(
     st.builds(lambda h, extra: [msgpack.packb(h), *extra],
               st.fixed_dictionaries({"v": st.sampled_from([1, 2, "1"]),
                                      "op": st.sampled_from(["act", "stream", "cancel", "info", "stats", "x"]),
-                                     "id": st.one_of(st.integers(-5, 2**65), st.text(max_size=70))},
+                                     "id": st.one_of(st.integers(-5, 2**64 - 1), st.text(max_size=70))},
                                     optional={"model": st.sampled_from(["tiny", "nope", 3]),
                                               "deadline_ms": st.one_of(st.floats(), st.integers(-1, 10)),
                                               "params": st.dictionaries(
                                                   st.sampled_from(["seed", "credits", "grant", "target"]),
-                                                  st.one_of(st.integers(-3, 2**64), st.text(max_size=4),
-                                                            st.lists(st.integers(), max_size=2))),
+                                                  st.one_of(st.integers(-3, 2**64 - 1), st.text(max_size=4),
+                                                            st.lists(st.integers(-(2**63), 2**64 - 1), max_size=2))),
                                               "arrays": st.lists(st.fixed_dictionaries({
                                                   "name": st.sampled_from(["obs", "x"]),
                                                   "dtype": st.sampled_from(["float32", "float64", "uint8", "int64"]),
