@@ -98,11 +98,11 @@ class RemoteController:
         if self.start_time is None:  # warm-up: the episode starts once its first chunk is in hand
             self._request()
             while self.in_flight is not None:
-                self._receive(block=True)
+                self._receive(self.request_timeout, resend=True)
             self.start_time = time.monotonic()
         else:
             self._pace()
-            self._receive(block=False)
+            self._receive(0.0)
         if self.in_flight is None and self.plan.remaining(self.tick) <= self.lead:
             self._request()
         action = self.plan.pop(self.tick)
@@ -114,10 +114,16 @@ class RemoteController:
         return action
 
     def _pace(self) -> None:
-        if self.realtime:
+        """Wait for this tick's time; a reply that comes meanwhile is taken when it arrives, so the measured
+        round trip is the real one, not rounded up to the tick."""
+        while self.realtime:
             delay = self.start_time + self.tick * self.dt - time.monotonic()
-            if delay > 0:
+            if delay <= 0:
+                return
+            if self.in_flight is None:
                 time.sleep(delay)
+                return
+            self._receive(delay)
 
     def _request(self) -> None:
         deadline_ms = max(self.plan.remaining(self.tick), 1) * self.dt * 1e3 + 1e3 * self.dt * 4
@@ -125,12 +131,13 @@ class RemoteController:
         request_id = self.client.submit("act", {"obs": np.stack(self.history)}, deadline_ms=deadline_ms, seed=seed)
         self.in_flight = (request_id, self.tick, time.monotonic())
 
-    def _receive(self, block: bool) -> None:
+    def _receive(self, timeout_s: float, resend: bool = False) -> None:
+        """Take the in-flight reply if it comes within `timeout_s`; `resend`: ask again at once after a loss."""
         request_id, asked_tick, sent = self.in_flight or (None, None, None)
         if request_id is None:
             return
         try:
-            reply = self.client.result(request_id, timeout_ms=self.request_timeout * 1e3 if block else 0)
+            reply = self.client.result(request_id, timeout_ms=timeout_s * 1e3)
         except TimeoutError:
             if time.monotonic() - sent > self.request_timeout:  # lost (server restarted?): reconnect and ask again
                 self.timeouts += 1
@@ -139,13 +146,13 @@ class RemoteController:
                     raise TimeoutError(f"no reply from {self.client.address} to {self._lost_in_row} requests in a row")
                 self.client.reconnect()
                 self.in_flight = None
-                if block:
+                if resend:
                     self._request()
             return
         except ServerError:
             self.errors += 1
             self.in_flight = None
-            if block:
+            if resend:
                 self._request()
             return
         self.in_flight = None
