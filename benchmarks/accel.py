@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policies.accelerate import calibration_observations, feed_forward_blocks, policy_accelerator
-from policies.checkpoint import load_policy
+from policies.accelerate import calibration_observations, feed_forward_blocks, policy_accelerator, record_calibration
+from policies.checkpoint import checkpoint_hash, load_policy
 from policies.evaluate import evaluate
-from runtime.accel.bac import calibrate, record_block_outputs
+from runtime.accel.bac import calibrate
 from runtime.cli import DEMOS_PATH, EVAL_SEED
 
 POLICIES = ("pusht-transformer", "pusht-unet")
@@ -51,17 +51,6 @@ class Config:
         return self.accel + "".join(f" {k}={v}" for k, v in self.params.items())
 
 
-def bac_schedule(policy, checkpoint: str, solver_name: str, steps: int, budget: int) -> dict:
-    from policies.checkpoint import checkpoint_hash
-
-    solver = policy.make_solver(solver_name, steps)
-    obs = calibration_observations(DEMOS_PATH, policy, 32, seed=0)
-    outputs = record_block_outputs(policy.denoiser, lambda: policy.predict_chunk(obs, solver, torch.Generator().manual_seed(0)))
-    schedule = calibrate(outputs, budget, feed_forward_blocks(policy.denoiser))
-    schedule.update(solver=solver_name, checkpoint_sha256=checkpoint_hash(checkpoint))
-    return schedule
-
-
 def configurations(policy, checkpoint: str, solver: str, steps: int, quick: bool) -> list[Config]:
     if steps <= 10:
         intervals, budgets, thresholds = (2, 3), (3, 4, 5), (0.0, 1e-3, 1e-2)
@@ -71,7 +60,10 @@ def configurations(policy, checkpoint: str, solver: str, steps: int, quick: bool
         intervals, budgets, thresholds = intervals[:1], budgets[-1:], thresholds[:1]
     configs = [Config("none")]
     configs += [Config("uniform", {"interval": k}, {"interval": k}) for k in intervals]
-    schedules = {b: bac_schedule(policy, checkpoint, solver, steps, b) for b in budgets}
+    outputs = record_calibration(policy, solver, steps, DEMOS_PATH)  # once: every budget calibrates on it
+    feed_forward, weights = feed_forward_blocks(policy.denoiser), checkpoint_hash(checkpoint)
+    schedules = {b: {**calibrate(outputs, b, feed_forward), "solver": solver, "checkpoint_sha256": weights}
+                 for b in budgets}
     configs += [Config("bac", {"budget": b}, {"schedule": s}) for b, s in schedules.items()]
     configs += [Config("sada", {"threshold": th}, {"threshold": th}) for th in thresholds]
     middle = budgets[len(budgets) // 2]

@@ -37,19 +37,25 @@ def calibration_observations(demos_path: str | Path, policy, count: int, seed: i
     return torch.from_numpy(obs[np.sort(pick)])
 
 
-def calibrate_bac(checkpoint: str, solver_name: str, steps: int, budget: int, demos_path: str | Path,
-                  observations: int = 32, seed: int = 0, bubble: int = 5, out: str | Path | None = None) -> tuple[dict, Path]:
-    policy = load_policy(checkpoint)
+def record_calibration(policy, solver_name: str, steps: int, demos_path: str | Path, observations: int = 32,
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every cacheable block's output at every step, for `observations` demonstration histories (seeded)."""
     solver = policy.make_solver(solver_name, steps)
     obs = calibration_observations(demos_path, policy, observations, seed)
     generator = torch.Generator().manual_seed(seed)
-    outputs = record_block_outputs(policy.denoiser, lambda: policy.predict_chunk(obs, solver, generator))
+    return record_block_outputs(policy.denoiser, lambda: policy.predict_chunk(obs, solver, generator))
+
+
+def calibrate_bac(checkpoint: str, solver_name: str, steps: int, budget: int, demos_path: str | Path,
+                  observations: int = 32, seed: int = 0, bubble: int = 5, out: str | Path | None = None) -> tuple[dict, Path]:
+    policy = load_policy(checkpoint)
+    outputs = record_calibration(policy, solver_name, steps, demos_path, observations, seed)
     schedule = calibrate(outputs, budget, feed_forward_blocks(policy.denoiser), bubble)
     schedule.update(
         solver=solver_name,
         checkpoint=str(checkpoint),
         checkpoint_sha256=checkpoint_hash(checkpoint),
-        calibration={"observations": len(obs), "seed": seed, "bubble_blocks": bubble,
+        calibration={"observations": next(iter(outputs.values())).shape[1], "seed": seed, "bubble_blocks": bubble,
                      "similarity": "cached step vs every step that reuses it (official code's variant)"},
     )
     path = Path(out) if out else resolve(checkpoint) / schedule_filename(solver_name, steps)

@@ -5,11 +5,20 @@ from __future__ import annotations
 import multiprocessing as mp
 
 
-def starmap_processes(function, jobs: list[tuple]) -> list:
-    """`function(*job)` for each job, one process per job, results in job order."""
-    pool = mp.get_context("spawn").Pool(len(jobs))
+def _call(task: tuple):
+    function, args = task
+    return function(*args)
+
+
+def starmap_processes(function, jobs: list[tuple], workers: int | None = None, progress: str | None = None) -> list:
+    """`function(*job)` for each job on `workers` processes (default: one per job), results in job order;
+    `progress` names a tqdm bar that advances as jobs finish."""
+    from tqdm import tqdm
+
+    pool = mp.get_context("spawn").Pool(workers or len(jobs))
     try:
-        results = pool.starmap(function, jobs)
+        results = pool.imap(_call, [(function, job) for job in jobs])
+        results = list(tqdm(results, total=len(jobs), desc=progress, unit="job", disable=progress is None))
     except BaseException:
         pool.terminate()
         pool.join()

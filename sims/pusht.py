@@ -113,19 +113,9 @@ def run_expert(seeds, workers: int = 2) -> list[Episode]:
     seeds = [int(s) for s in seeds]
     if workers <= 1 or len(seeds) < 2:
         return _expert_episodes(seeds)
-    import multiprocessing as mp
+    from runtime.parallel import starmap_processes
 
-    from tqdm import tqdm
-
-    pool = mp.get_context("spawn").Pool(workers)
-    try:
-        parts = list(tqdm(pool.imap(_expert_episodes, [[s] for s in seeds]), total=len(seeds), desc="expert", unit="ep"))
-    except BaseException:
-        pool.terminate()
-        pool.join()
-        raise
-    pool.close()  # the workers exit on their own (terminating them leaks their semaphores)
-    pool.join()
+    parts = starmap_processes(_expert_episodes, [([s],) for s in seeds], workers, progress="expert")
     return [episode for part in parts for episode in part]
 
 

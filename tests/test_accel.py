@@ -3,22 +3,8 @@
 import pytest
 import torch
 
-from policies.config import PolicyConfig
-from policies.modeling import DiffusionPolicy
 from runtime.accel import Accelerator, UniformCache, make_accelerator
 from runtime.accel.hooks import CacheHooks
-
-TINY = {
-    "unet": dict(arch="unet", down_dims=(8, 16), n_groups=4, diffusion_step_embed_dim=8, horizon=8, n_action_steps=4),
-    "transformer": dict(arch="transformer", n_layer=2, n_head=2, n_emb=16, horizon=6, n_action_steps=4),
-}
-
-
-@pytest.fixture(params=sorted(TINY))
-def policy(request):
-    torch.manual_seed(0)
-    return DiffusionPolicy(PolicyConfig(**TINY[request.param])).eval()
-
 
 def chunk(policy, accelerator=None, steps=10, seed=0):
     obs = torch.randn(2, policy.config.n_obs_steps, policy.config.obs_dim, generator=torch.Generator().manual_seed(1))

@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from policies.checkpoint import save_policy
-from policies.config import PolicyConfig
-from policies.modeling import DiffusionPolicy
 from runtime.accel import make_accelerator
 from runtime.accel.bac import bubbling_union, optimal_update_steps, record_block_outputs, similarity_matrix
 
@@ -47,10 +45,8 @@ def test_bubbling_union_adds_downstream_feed_forward_updates():
 
 
 @pytest.fixture
-def tiny_policy():
-    torch.manual_seed(0)
-    config = PolicyConfig(arch="transformer", n_layer=2, n_head=2, n_emb=16, horizon=6, n_action_steps=4)
-    return DiffusionPolicy(config).eval()
+def tiny_policy(make_tiny):
+    return make_tiny("transformer")
 
 
 def test_recording_captures_every_block_at_every_step(tiny_policy):

@@ -8,23 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from policies.checkpoint import load_policy, save_policy
-from policies.config import PolicyConfig
-from policies.modeling import DiffusionPolicy
 from policies.normalizer import MinMaxNormalizer
 from policies.train import TrainConfig, train, windows
 from sims.demos import Demos
-
-TINY = {
-    "unet": dict(arch="unet", down_dims=(8, 16), n_groups=4, diffusion_step_embed_dim=8, horizon=8, n_action_steps=4),
-    "transformer": dict(arch="transformer", n_layer=2, n_head=2, n_emb=16, horizon=6, n_action_steps=4),
-}
-
-
-@pytest.fixture(params=sorted(TINY))
-def policy(request):
-    torch.manual_seed(0)
-    return DiffusionPolicy(PolicyConfig(**TINY[request.param])).eval()
-
 
 def test_denoiser_shapes(policy):
     c = policy.config
@@ -114,8 +100,8 @@ def toy_demos(lengths=(5, 9)) -> Demos:
     return Demos(obs, actions, np.cumsum(lengths), {})
 
 
-def test_training_windows_pad_like_diffusion_policy():
-    config = PolicyConfig(**TINY["unet"])  # n_obs 2, horizon 8, n_action 4
+def test_training_windows_pad_like_diffusion_policy(make_tiny):
+    config = make_tiny("unet").config  # n_obs 2, horizon 8, n_action 4
     obs, actions = windows(toy_demos(), config)
     # Each episode of length n yields n - horizon + (n_obs - 1) + (n_action - 1) + 1 windows.
     assert len(obs) == (5 - 8 + 1 + 3 + 1) + (9 - 8 + 1 + 3 + 1)
@@ -124,13 +110,13 @@ def test_training_windows_pad_like_diffusion_policy():
     assert not np.any((actions[:2] >= 100))  # windows never cross an episode boundary
 
 
-def test_training_reduces_the_denoising_loss():
+def test_training_reduces_the_denoising_loss(make_tiny):
     rng = np.random.default_rng(0)
     t = np.linspace(0, 1, 40, dtype=np.float32)
     episodes = [(np.stack([np.cos(t * 3 + p)] * 5, 1), np.stack([np.sin(t * 3 + p)] * 2, 1)) for p in rng.uniform(0, 6, 6)]
     demos = Demos(np.concatenate([o for o, _ in episodes]), np.concatenate([a for _, a in episodes]),
                   np.cumsum([40] * 6), {})
-    config = PolicyConfig(**TINY["unet"])
+    config = make_tiny("unet").config
     _, short = train(demos, config, TrainConfig(steps=5, batch_size=64, warmup_steps=1, threads=1), progress=False)
     _, longer = train(demos, config, TrainConfig(steps=200, batch_size=64, warmup_steps=10, threads=1), progress=False)
     assert longer["final_loss"] < 0.75 * short["final_loss"]  # an untrained epsilon model sits near 1.0

@@ -5,18 +5,13 @@ import math
 import pytest
 import torch
 
-from policies.config import PolicyConfig
-from policies.modeling import DiffusionPolicy
 from runtime.accel import make_accelerator
 from runtime.sampling import sample
 
 
 @pytest.fixture
-def policy():
-    torch.manual_seed(0)
-    config = PolicyConfig(arch="unet", down_dims=(8, 16), n_groups=4, diffusion_step_embed_dim=8, horizon=8,
-                          n_action_steps=4)
-    return DiffusionPolicy(config).eval()
+def policy(make_tiny):  # the UNet only: these tests are about step skipping
+    return make_tiny("unet")
 
 
 def run(policy, accelerator, solver="ddim", steps=10):
@@ -110,10 +105,8 @@ def test_bac_inside_sada_steps(policy):
 # Token-wise sparsity (transformer policies): partial calls recompute only the unstable action tokens.
 
 @pytest.fixture
-def transformer():
-    torch.manual_seed(0)
-    config = PolicyConfig(arch="transformer", n_layer=2, n_head=2, n_emb=16, horizon=6, n_action_steps=4)
-    return DiffusionPolicy(config).eval()
+def transformer(make_tiny):
+    return make_tiny("transformer")
 
 
 def test_partial_call_recomputes_named_tokens_and_serves_the_rest_from_cache(transformer):

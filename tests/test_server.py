@@ -12,25 +12,11 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policies.checkpoint import save_policy
-from policies.config import PolicyConfig
-from policies.modeling import DiffusionPolicy
 from policies.service import PolicyService
 from runtime.client import Client, ServerError
 from runtime.server import Server, ServerConfig
 
 OBS_SHAPE = (2, 5)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = PolicyConfig(arch="unet", down_dims=(8, 16), n_groups=4, diffusion_step_embed_dim=8, horizon=8,
-                          n_action_steps=4)
-    policy = DiffusionPolicy(config).eval()
-    policy.obs_normalizer.fit(torch.rand(100, 2, 5) * 500)
-    policy.action_normalizer.fit(torch.rand(100, 8, 2) * 500)
-    return save_policy(policy, tmp_path_factory.mktemp("tiny") / "policy")
 
 
 class Running:

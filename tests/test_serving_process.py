@@ -11,23 +11,8 @@ import time
 import msgpack
 import numpy as np
 import pytest
-import torch
 import zmq
 
-from policies.checkpoint import save_policy
-from policies.config import PolicyConfig
-from policies.modeling import DiffusionPolicy
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = PolicyConfig(arch="unet", down_dims=(8, 16), n_groups=4, diffusion_step_embed_dim=8, horizon=8,
-                          n_action_steps=4)
-    policy = DiffusionPolicy(config).eval()
-    policy.obs_normalizer.fit(torch.rand(100, 2, 5) * 500)
-    policy.action_normalizer.fit(torch.rand(100, 8, 2) * 500)
-    return save_policy(policy, tmp_path_factory.mktemp("tiny") / "policy")
 
 
 def free_address() -> str:
@@ -46,9 +31,9 @@ def start_server(checkpoint, address, *extra) -> subprocess.Popen:
     return process
 
 
-def test_a_client_written_from_the_protocol_doc_gets_actions(checkpoint):
+def test_a_client_written_from_the_protocol_doc_gets_actions(tiny_checkpoint):
     address = free_address()
-    server = start_server(checkpoint, address)
+    server = start_server(tiny_checkpoint, address)
     try:
         # Only pyzmq, msgpack and numpy below, exactly as docs/protocol.md describes the exchange.
         dealer = zmq.Context.instance().socket(zmq.DEALER)
@@ -84,13 +69,13 @@ def test_a_client_written_from_the_protocol_doc_gets_actions(checkpoint):
         server.kill()
 
 
-def test_a_server_killed_and_restarted_mid_episode_does_not_end_the_episode(checkpoint):
+def test_a_server_killed_and_restarted_mid_episode_does_not_end_the_episode(tiny_checkpoint):
     from runtime.client import Client
     from runtime.loop import RemoteController
     from sims.pusht import make_env, run_episode
 
     address = free_address()
-    server = start_server(checkpoint, address)
+    server = start_server(tiny_checkpoint, address)
     result = {}
     try:
         client = Client(address, model="tiny", timeout_ms=500)
@@ -107,7 +92,7 @@ def test_a_server_killed_and_restarted_mid_episode_does_not_end_the_episode(chec
         assert runner.is_alive()
         server.kill()  # SIGKILL: no goodbye
         server.wait()
-        server = start_server(checkpoint, address)
+        server = start_server(tiny_checkpoint, address)
         runner.join(timeout=60)
         assert not runner.is_alive()
         client.close()
@@ -118,13 +103,13 @@ def test_a_server_killed_and_restarted_mid_episode_does_not_end_the_episode(chec
     assert controller.stalls > 0  # the outage showed as held actions, and was counted
 
 
-def test_curve_admits_only_clients_with_the_keys(checkpoint, tmp_path):
+def test_curve_admits_only_clients_with_the_keys(tiny_checkpoint, tmp_path):
     from runtime.cli import main
     from runtime.client import Client
 
     main(["keys", str(tmp_path / "keys")])
     address = free_address()
-    server = start_server(checkpoint, address, "--curve", str(tmp_path / "keys"))
+    server = start_server(tiny_checkpoint, address, "--curve", str(tmp_path / "keys"))
     try:
         stranger = Client(address, model="tiny", timeout_ms=1000, retries=0)  # no keys at all
         with pytest.raises(TimeoutError):

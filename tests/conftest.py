@@ -1,0 +1,38 @@
+"""Tiny untrained policies shared by the tests: fast to build, small enough to run anywhere."""
+
+import pytest
+import torch
+
+from policies.checkpoint import save_policy
+from policies.config import PolicyConfig
+from policies.modeling import DiffusionPolicy
+
+TINY = {
+    "unet": dict(arch="unet", down_dims=(8, 16), n_groups=4, diffusion_step_embed_dim=8, horizon=8, n_action_steps=4),
+    "transformer": dict(arch="transformer", n_layer=2, n_head=2, n_emb=16, horizon=6, n_action_steps=4),
+}
+
+
+def make_tiny_policy(arch: str) -> DiffusionPolicy:
+    torch.manual_seed(0)
+    return DiffusionPolicy(PolicyConfig(**TINY[arch])).eval()
+
+
+@pytest.fixture
+def make_tiny():
+    """The builder itself, for tests that pick the architecture."""
+    return make_tiny_policy
+
+
+@pytest.fixture(params=sorted(TINY))
+def policy(request):
+    return make_tiny_policy(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny UNet checkpoint on disk, normalisers fitted to PushT-like ranges (a server loads it by path)."""
+    policy = make_tiny_policy("unet")
+    policy.obs_normalizer.fit(torch.rand(100, 2, 5) * 500)
+    policy.action_normalizer.fit(torch.rand(100, 8, 2) * 500)
+    return save_policy(policy, tmp_path_factory.mktemp("tiny") / "policy")
