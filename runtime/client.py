@@ -70,6 +70,8 @@ class Client:
             public, secret = load_certificate(self.curve_dir / "client.key_secret")
             socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = server_public, public, secret
         socket.connect(self.address)
+        self._poller = zmq.Poller()  # one per socket: building a poller per wait costs more than the wait's own work
+        self._poller.register(socket, zmq.POLLIN)
         return socket
 
     def reconnect(self) -> None:
@@ -104,7 +106,7 @@ class Client:
         end = time.monotonic() + timeout
         while not self._replies.get(request_id):
             left_ms = max(0.0, (end - time.monotonic()) * 1e3)
-            if not self.socket.poll(int(math.ceil(left_ms))):  # poll(0): only what has already arrived
+            if not self._poller.poll(int(math.ceil(left_ms))):  # poll(0): only what has already arrived
                 raise TimeoutError(f"no reply to request {request_id!r} from {self.address} within {timeout * 1e3:.0f} ms")
             header, arrays = decode_reply(self.socket.recv_multipart())
             self._replies[header.get("id")].append(Reply(header, arrays))

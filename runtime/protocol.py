@@ -18,6 +18,9 @@ import numpy as np
 VERSION = 1
 OPS = ("info", "act", "stream", "cancel", "stats")
 DTYPES = ("float32", "float16", "int32", "int64", "uint8")
+# Built once: looking these up beats numpy's dtype constructors and `dtype.name` on the per-message path.
+_WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
+_WIRE_NAMES = {dtype: name for name, dtype in _WIRE_DTYPES.items()}
 ERRORS = {
     "bad_message": "the message is not a valid rtdiff message (header, fields or frame count)",
     "unsupported_version": "the header's protocol version is not one this server speaks",
@@ -65,7 +68,7 @@ def encode(header: dict, arrays: dict[str, np.ndarray] | None = None) -> list:
     """Frames for a header (without `arrays`; descriptors are added here) and named arrays."""
     arrays = arrays or {}
     contiguous = {name: np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for name, a in arrays.items()}
-    descriptors = [{"name": n, "dtype": a.dtype.name, "shape": list(a.shape)} for n, a in contiguous.items()]
+    descriptors = [{"name": n, "dtype": _wire_name(n, a.dtype), "shape": list(a.shape)} for n, a in contiguous.items()]
     return [msgpack.packb({"v": VERSION, **header, "arrays": descriptors}, use_bin_type=True),
             *(memoryview(a).cast("B") for a in contiguous.values())]
 
@@ -137,11 +140,11 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
                                            "follow it", request_id, op)
     arrays = {}
     for (name, dtype, shape), frame in zip(descriptors, frames[1:]):
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        expected = math.prod(shape) * _WIRE_DTYPES[dtype].itemsize
         if len(frame) != expected:
             raise ProtocolError("bad_array", f"array {name!r}: {dtype}{list(shape)} needs {expected} bytes, frame has "
                                              f"{len(frame)}", request_id, op)
-        arrays[name] = np.frombuffer(frame, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+        arrays[name] = np.frombuffer(frame, dtype=_WIRE_DTYPES[dtype]).reshape(shape)
     return Message(op=op, id=request_id, model=model, deadline_ms=deadline, params=params, arrays=arrays)
 
 
@@ -153,10 +156,17 @@ def decode_reply(frames: list, limits: Limits = Limits()) -> tuple[dict, dict[st
         raise ProtocolError("bad_message", "reply frame count does not match its header")
     arrays = {}
     for (name, dtype, shape), frame in zip(descriptors, frames[1:]):
-        if len(frame) != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+        if len(frame) != math.prod(shape) * _WIRE_DTYPES[dtype].itemsize:
             raise ProtocolError("bad_array", f"reply array {name!r} has the wrong byte count")
-        arrays[name] = np.frombuffer(frame, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+        arrays[name] = np.frombuffer(frame, dtype=_WIRE_DTYPES[dtype]).reshape(shape)
     return header, arrays
+
+
+def _wire_name(name: str, dtype: np.dtype) -> str:
+    try:
+        return _WIRE_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"array {name!r}: dtype {dtype} cannot be sent; allowed: {', '.join(DTYPES)}") from None
 
 
 def _refuse_ext(code, data):
@@ -195,7 +205,7 @@ def _descriptors(value, limits: Limits, request_id, op) -> list[tuple[str, str, 
         if len(shape) > limits.max_dims:
             raise ProtocolError("too_large", f"array {name!r}: {len(shape)} dimensions, limit {limits.max_dims}",
                                 request_id, op)
-        size = math.prod(shape) * np.dtype(dtype).itemsize
+        size = math.prod(shape) * _WIRE_DTYPES[dtype].itemsize
         if size > limits.max_array_bytes:
             raise ProtocolError("too_large", f"array {name!r}: {size} bytes, limit {limits.max_array_bytes}",
                                 request_id, op)

@@ -16,6 +16,7 @@ the socket is ROUTER_MANDATORY and every send is non-blocking.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -190,14 +191,12 @@ class Server:
         for name, queue in self.queues.items():
             if queue:
                 wake = min(wake, self._due_time(name), *(p.deadline for p in queue if p.deadline is not None))
-        return max(0, int(np.ceil((wake - now) * 1e3)))
+        return max(0, math.ceil((wake - now) * 1e3))
 
     def _read_all(self) -> None:
-        while True:
-            try:
-                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        # EVENTS says whether a message is waiting; cheaper than a non-blocking read that ends in zmq.Again.
+        while self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+            frames = self.socket.recv_multipart()
             self.stats.counts["received"] += 1
             try:
                 self._handle(frames)
