@@ -128,8 +128,9 @@ class RemoteController:
     def _request(self) -> None:
         deadline_ms = max(self.plan.remaining(self.tick), 1) * self.dt * 1e3 + 1e3 * self.dt * 4
         seed = (self.seed * 100_003 + self.tick) % 2**63
+        sent = time.monotonic()  # before the send: the send may hand the core to the I/O thread for a while
         request_id = self.client.submit("act", {"obs": np.stack(self.history)}, deadline_ms=deadline_ms, seed=seed)
-        self.in_flight = (request_id, self.tick, time.monotonic())
+        self.in_flight = (request_id, self.tick, sent)
 
     def _receive(self, timeout_s: float, resend: bool = False) -> None:
         """Take the in-flight reply if it comes within `timeout_s`; `resend`: ask again at once after a loss."""
