@@ -35,6 +35,7 @@ class PolicyConfig:
     n_emb: int = 128
     p_drop: float = 0.0
     causal_attn: bool = True
+    adaln: bool = False  # adaLN-Zero modulation from (step, observations) on every sub-block; False: Diffusion Policy's
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self):

@@ -58,7 +58,8 @@ def cmd_demos(args) -> None:
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "policies" / "checkpoints"
 # Diffusion Policy's horizons. The transformer attends without causal masks: on these demonstrations it
 # trains much faster (denoising loss 0.054 vs 0.078 after 800 steps, same seed and learning rate).
-ARCH_DEFAULTS = {"unet": {"horizon": 16}, "transformer": {"horizon": 10, "causal_attn": False}}
+# adaLN conditioning: see policies/transformer.py.
+ARCH_DEFAULTS = {"unet": {"horizon": 16}, "transformer": {"horizon": 10, "causal_attn": False, "adaln": True}}
 ARCH_LR = {"unet": 1e-3, "transformer": 1e-3}
 
 

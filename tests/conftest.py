@@ -9,13 +9,18 @@ from policies.modeling import DiffusionPolicy
 
 TINY = {
     "unet": dict(arch="unet", down_dims=(8, 16), n_groups=4, diffusion_step_embed_dim=8, horizon=8, n_action_steps=4),
-    "transformer": dict(arch="transformer", n_layer=2, n_head=2, n_emb=16, horizon=6, n_action_steps=4),
+    "transformer": dict(arch="transformer", n_layer=2, n_head=2, n_emb=16, horizon=6, n_action_steps=4, adaln=True),
 }
 
 
 def make_tiny_policy(arch: str) -> DiffusionPolicy:
     torch.manual_seed(0)
-    return DiffusionPolicy(PolicyConfig(**TINY[arch])).eval()
+    policy = DiffusionPolicy(PolicyConfig(**TINY[arch])).eval()
+    with torch.no_grad():  # open what initialises at zero (adaLN-Zero gates, the head), as training would
+        for parameter in policy.denoiser.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.1)
+    return policy
 
 
 @pytest.fixture

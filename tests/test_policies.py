@@ -120,3 +120,19 @@ def test_training_reduces_the_denoising_loss(make_tiny):
     _, short = train(demos, config, TrainConfig(steps=5, batch_size=64, warmup_steps=1, threads=1), progress=False)
     _, longer = train(demos, config, TrainConfig(steps=200, batch_size=64, warmup_steps=10, threads=1), progress=False)
     assert longer["final_loss"] < 0.75 * short["final_loss"]  # an untrained epsilon model sits near 1.0
+
+
+def test_adaln_transformer_starts_as_zero_and_plain_one_keeps_diffusion_policy_layout():
+    from policies.config import PolicyConfig
+    from policies.modeling import DiffusionPolicy
+
+    config = dict(arch="transformer", n_layer=2, n_head=2, n_emb=16, horizon=6, n_action_steps=4)
+    torch.manual_seed(0)
+    adaln = DiffusionPolicy(PolicyConfig(**config, adaln=True)).denoiser
+    x, t, cond = torch.randn(3, 6, 2), torch.tensor([0, 50, 99]), torch.randn(3, 2, 5)
+    assert torch.equal(adaln(x, t, cond), torch.zeros(3, 6, 2))  # adaLN-Zero: gates and head at zero
+    plain = DiffusionPolicy(PolicyConfig(**config, adaln=False)).denoiser
+    names = set(plain.state_dict())
+    assert not any("modulation" in n or n.startswith("cond_emb") for n in names)
+    assert {"layers.0.self_attn.norm.weight", "ln_f.weight"} <= names  # affine pre-norms, as Diffusion Policy's
+    assert plain(x, t, cond).abs().sum() > 0

@@ -144,10 +144,12 @@ def test_selected_cross_attention_equals_full_cross_attention_at_those_tokens(tr
     denoiser = transformer.denoiser
     name, select = next((n, f) for n, f in denoiser.tokenwise_blocks() if n.endswith("cross_attn"))
     block = dict(denoiser.cache_blocks())[name]
-    x, memory = torch.randn(2, 6, 16), torch.randn(2, 3, 16)
+    x, cond, memory = torch.randn(2, 6, 16), torch.randn(2, 16), torch.randn(2, 3, 16)
+    torch.nn.init.normal_(block.modulation.linear.weight)  # adaLN-Zero starts at zero; make the gate non-trivial
     tokens = torch.tensor([0, 2, 5])
-    full = block(x, memory, denoiser.memory_mask)
-    torch.testing.assert_close(block(*select((x, memory, denoiser.memory_mask), tokens)), full[:, tokens])
+    full = block(x, cond, memory, denoiser.memory_mask)
+    assert full.abs().max() > 0
+    torch.testing.assert_close(block(*select((x, cond, memory, denoiser.memory_mask), tokens)), full[:, tokens])
 
 
 def test_sada_plans_partial_calls_and_refreshes_after_max_partial(transformer):
