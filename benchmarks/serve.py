@@ -6,6 +6,9 @@
 sends back the frames it gets), both on tcp and on ipc. The client alternates
 an `act` round trip with an echo round trip of the same request frames;
 rtdiff's overhead is its round trip minus the server-measured compute time.
+A third round trip, `echo_idle`, echoes after the client has slept as long as
+that compute took: an `act` reply comes to threads and cores that sat idle for
+the whole compute, and waking them costs time a back-to-back echo never pays.
 (b) Throughput. 1, 4, 16, 64 client processes, each sending `act` requests one
 after another for a fixed time, against a server with batching on (max batch
 64) and off (max batch 1): completed requests per second and client-side p99.
@@ -81,19 +84,25 @@ def measure_overhead(transport: str, checkpoint: str, count: int, workdir: Path)
         echo_socket.connect(echo_address)
         obs = np.full((2, 5), 100.0, np.float32)
         frames = [bytes(f) for f in request("act", 0, "policy", {"obs": obs})]
-        overhead, echo_rtt, rtdiff_rtt = [], [], []
+        def echo_round_trip() -> float:
+            start = time.perf_counter()
+            echo_socket.send_multipart(frames)
+            echo_socket.recv_multipart()
+            return time.perf_counter() - start
+
+        overhead, echo_rtt, echo_idle_rtt, rtdiff_rtt = [], [], [], []
         for k in range(count + 50):  # the first 50 of each warm up connections and caches
             start = time.perf_counter()
             reply = client.act(obs)
             rtt = time.perf_counter() - start
-            start = time.perf_counter()
-            echo_socket.send_multipart(frames)
-            echo_socket.recv_multipart()
-            echo_time = time.perf_counter() - start
+            echo_time = echo_round_trip()
+            time.sleep(reply.timing["compute_ms"] / 1e3)
+            echo_idle_time = echo_round_trip()
             if k >= 50:
                 rtdiff_rtt.append(rtt)
                 overhead.append(rtt - reply.timing["compute_ms"] / 1e3)
                 echo_rtt.append(echo_time)
+                echo_idle_rtt.append(echo_idle_time)
         echo_socket.send_multipart([b"stop"])
         echo_socket.close(linger=100)
         client.close()
@@ -108,6 +117,8 @@ def measure_overhead(transport: str, checkpoint: str, count: int, workdir: Path)
         "round_trip_p50_us": percentile_us(rtdiff_rtt, 50),
         "echo_p50_us": percentile_us(echo_rtt, 50), "echo_p99_us": percentile_us(echo_rtt, 99),
         "ratio_p50": float(np.percentile(overhead, 50) / np.percentile(echo_rtt, 50)),
+        "echo_idle_p50_us": percentile_us(echo_idle_rtt, 50), "echo_idle_p99_us": percentile_us(echo_idle_rtt, 99),
+        "ratio_idle_p50": float(np.percentile(overhead, 50) / np.percentile(echo_idle_rtt, 50)),
     }
 
 
@@ -177,7 +188,8 @@ def main() -> None:
         overhead = [measure_overhead(t, args.checkpoint, args.count, Path(workdir)) for t in ("tcp", "ipc")]
     for row in overhead:
         print(f"overhead {row['transport']}: p50 {row['p50_us']:.0f} us, p99 {row['p99_us']:.0f} us; raw echo p50 "
-              f"{row['echo_p50_us']:.0f} us, p99 {row['echo_p99_us']:.0f} us; ratio p50 {row['ratio_p50']:.2f}",
+              f"{row['echo_p50_us']:.0f} us, p99 {row['echo_p99_us']:.0f} us; ratio p50 {row['ratio_p50']:.2f}; "
+              f"echo after idling p50 {row['echo_idle_p50_us']:.0f} us, ratio {row['ratio_idle_p50']:.2f}",
               flush=True)
     throughput = []
     for clients in client_counts:
