@@ -146,16 +146,16 @@ class NoisyExecution:
 
     def __init__(self, expert, scale: float):
         self.expert, self.scale = expert, scale
-        self.clean: list[np.ndarray] = []
+        self.clean: list[list[np.ndarray]] = []  # per episode run, the expert's actions
 
     def reset(self, seed: int) -> None:
         self.expert.reset(seed)
         self.rng = np.random.default_rng(seed + 104729)
-        self.clean = []
+        self.clean.append([])
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         action = self.expert.act(obs)
-        self.clean.append(action)
+        self.clean[-1].append(action)
         noise = self.rng.normal(0.0, self.scale, size=action.shape).astype(np.float32)
         noise[-1] = 0.0  # the gripper command stays the expert's
         return action + noise
@@ -169,12 +169,10 @@ def demonstration(episode: Episode) -> tuple[np.ndarray, np.ndarray] | None:
 def _expert_episodes(seeds: list[int], noise: float = 0.0) -> list[Episode]:
     if not noise:
         return run_episodes(LiftExpert(), seeds, progress=False)
-    controller, env, episodes = NoisyExecution(LiftExpert(), noise), make_env(), []
-    for seed in seeds:
-        episode = run_episode(env, controller, seed)
-        episode.actions = np.stack(controller.clean)  # the labels are the expert's clean actions
-        episodes.append(episode)
-    env.close()
+    controller = NoisyExecution(LiftExpert(), noise)
+    episodes = run_episodes(controller, seeds, progress=False)
+    for episode, clean in zip(episodes, controller.clean):
+        episode.actions = np.stack(clean)  # the labels are the expert's clean actions
     return episodes
 
 
