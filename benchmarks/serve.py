@@ -10,6 +10,11 @@ A third round trip, `echo_idle`, echoes after the client has slept as long as
 that compute took, as an `act` reply's threads have: if it is slower than the
 back-to-back echo, waking idle threads and cores is part of the overhead. (On
 an idle 2-core machine it was not: 234 against 224 us.)
+`protocol_path` times, in this process, the Python work one `act` costs both
+ends (request encode, decode and check, reply encode, reply decode) run
+back to back, right after a 5 ms sleep, and right after one policy step: the
+echo's Python is a few microseconds, rtdiff's is tens, and how much slower it
+runs when the core has just idled or just run torch decides the ratio.
 (b) Throughput. 1, 4, 16, 64 client processes, each sending `act` requests one
 after another for a fixed time, against a server with batching on (max batch
 64) and off (max batch 1): completed requests per second and client-side p99.
@@ -123,6 +128,38 @@ def measure_overhead(transport: str, checkpoint: str, count: int, workdir: Path)
     }
 
 
+def measure_protocol_path(checkpoint: str, count: int) -> dict:
+    import torch
+
+    from policies.service import PolicyService
+    from runtime.protocol import decode, decode_reply, reply
+
+    torch.set_num_threads(1)
+    service = PolicyService(checkpoint, steps=1)
+    obs = np.full((2, 5), 100.0, np.float32)
+    actions = np.zeros(service.action_shape, np.float32)
+    timing = {"queue_ms": 0.1, "compute_ms": 5.0, "total_ms": 5.2, "batch": 1}
+
+    def protocol_work() -> None:
+        message = decode([bytes(f) for f in request("act", 7, "policy", {"obs": obs})])
+        service.check(message)
+        decode_reply([bytes(f) for f in reply("act", message.id, {"actions": actions}, timing=timing)])
+
+    def timed(before) -> list[float]:
+        times = []
+        for _ in range(count):
+            before()
+            start = time.perf_counter()
+            protocol_work()
+            times.append(time.perf_counter() - start)
+        return times
+
+    message = decode([bytes(f) for f in request("act", 7, "policy", {"obs": obs})])
+    conditions = {"back_to_back": lambda: None, "after_sleep_5ms": lambda: time.sleep(0.005),
+                  "after_policy_step": lambda: service.run_batch([message])}
+    return {name: percentile_us(timed(before), 50) for name, before in conditions.items()}
+
+
 def closed_loop_client(address: str, seconds: float, deadline_ms: float, start_at: float, results) -> None:
     client = Client(address, model="policy", timeout_ms=30_000, retries=0)
     obs = np.full((2, 5), 100.0, np.float32)
@@ -192,6 +229,8 @@ def main() -> None:
               f"{row['echo_p50_us']:.0f} us, p99 {row['echo_p99_us']:.0f} us; ratio p50 {row['ratio_p50']:.2f}; "
               f"echo after idling p50 {row['echo_idle_p50_us']:.0f} us, ratio {row['ratio_idle_p50']:.2f}",
               flush=True)
+    protocol_path = measure_protocol_path(args.checkpoint, min(args.count, 500))
+    print("protocol path p50: " + ", ".join(f"{k} {v:.0f} us" for k, v in protocol_path.items()), flush=True)
     throughput = []
     for clients in client_counts:
         for batching in (False, True):
@@ -203,7 +242,8 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or 'cpu'}, python {sys.version.split()[0]}, "
                    f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}",
         "checkpoint": args.checkpoint, "steps": args.steps, "quick": args.quick,
-        "overhead": overhead[0], "overhead_by_transport": overhead, "throughput": throughput,
+        "overhead": overhead[0], "overhead_by_transport": overhead,
+        "protocol_path_p50_us": protocol_path, "throughput": throughput,
     }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

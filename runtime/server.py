@@ -338,10 +338,8 @@ class Server:
             return
         end = time.monotonic()
         compute_ms = (end - start) * 1e3
-        self.compute_ms[name] = 0.8 * self.compute_ms[name] + 0.2 * compute_ms if self.compute_ms[name] else compute_ms
-        self.stats.batch_sizes.append(len(batch))
-        self.stats.counts["batches"] += 1
-        for pending, arrays in zip(batch, outputs):
+        delivered = []
+        for pending, arrays in zip(batch, outputs):  # replies first: the bookkeeping below is not on their clock
             if pending.deadline is not None and end > pending.deadline:
                 self._send_error(pending.envelope, "deadline_exceeded",
                                  f"finished {(end - pending.deadline) * 1e3:.1f} ms after the deadline",
@@ -349,9 +347,14 @@ class Server:
                 continue
             timing = {"queue_ms": (start - pending.arrival) * 1e3, "compute_ms": compute_ms,
                       "total_ms": (end - pending.arrival) * 1e3, "batch": len(batch)}
-            self.stats.record(timing["queue_ms"], compute_ms, timing["total_ms"])
-            self.stats.counts["replies_ok"] += 1
             self._send(pending.envelope, reply("act", pending.message.id, arrays, timing=timing))
+            delivered.append(timing)
+        for timing in delivered:
+            self.stats.record(timing["queue_ms"], compute_ms, timing["total_ms"])
+        self.stats.counts["replies_ok"] += len(delivered)
+        self.stats.batch_sizes.append(len(batch))
+        self.stats.counts["batches"] += 1
+        self.compute_ms[name] = 0.8 * self.compute_ms[name] + 0.2 * compute_ms if self.compute_ms[name] else compute_ms
 
     def _advance_streams(self) -> None:
         for key, stream in list(self.streams.items()):
