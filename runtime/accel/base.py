@@ -32,9 +32,12 @@ class Accelerator:
         self.trajectories = 0
 
     def bind(self, denoiser: nn.Module) -> Accelerator:
-        """Attach to a denoiser (once); block hooks only for accelerators that cache blocks."""
+        """Attach to a denoiser (once); block hooks only for accelerators that cache blocks.
+
+        A backend that runs the blocks itself (export/) has no torch blocks to hook and offers its own cache."""
         if self.uses_block_cache and self.hooks is None:
-            self.hooks = CacheHooks(denoiser).attach()
+            own = getattr(denoiser, "block_cache_hooks", None)
+            self.hooks = own() if own is not None else CacheHooks(denoiser).attach()
         return self
 
     def unbind(self) -> None:

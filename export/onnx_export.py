@@ -1,0 +1,122 @@
+"""ONNX export of a policy's denoiser, one graph per schedule segment and form, plus `manifest.json`.
+
+    rtdiff export --checkpoint pusht-transformer --schedule bac-ddim-10.json --batch 1,16 --out exports/tr
+
+Layout of the output folder:
+
+    manifest.json              what each graph is, reads and writes; hashes of checkpoint, schedule, graphs
+    b1/piece00_full.onnx       piece 0 computing its blocks, batch 1
+    b1/piece00_cached.onnx     piece 0 with its blocks' outputs given (absent when nothing is left to run)
+    ...
+
+Shapes are static per exported batch size (TensorRT builds for fixed shapes;
+CUDA graphs need them). The diffusion step goes in as float32, so no int64
+tensor reaches a graph, and the sinusoidal embedding is exported as real
+Sin/Cos nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from export.segments import Part, segments_from_schedule, split
+from policies.checkpoint import checkpoint_hash, load_policy
+from runtime.accel.bac import load_schedule
+
+FORMAT = "rtdiff-export/1"
+MANIFEST = "manifest.json"
+FORMS = ("full", "cached")
+DEFAULT_OPSET = 17
+
+
+def export_onnx(checkpoint: str, out: str | Path, schedule_path: str | Path | None = None,
+                batch_sizes: tuple[int, ...] = (1,), precision: str = "fp32", opset: int = DEFAULT_OPSET) -> dict:
+    """Write the graphs and the manifest; returns the manifest."""
+    if precision != "fp32":
+        raise NotImplementedError(f"precision {precision!r}: only fp32 export is implemented so far")
+    if opset < 17:
+        raise ValueError(f"opset {opset}: rtdiff exports opset 17 or newer")
+    out = Path(out)
+    policy = load_policy(checkpoint)
+    denoiser = policy.denoiser.eval()
+    weights = checkpoint_hash(checkpoint)
+    schedule, schedule_info = None, None
+    if schedule_path is not None:
+        schedule = load_schedule(Path(schedule_path))
+        if schedule.get("checkpoint_sha256", weights) != weights:
+            raise ValueError(f"schedule {schedule_path} was calibrated on other weights than {checkpoint}")
+        schedule_info = {"path": str(schedule_path), "sha256": sha256(Path(schedule_path).read_bytes()),
+                         "solver": schedule.get("solver"), "steps": schedule["steps"]}
+    block_names = [name for name, _ in denoiser.cache_blocks()]
+    pieces = split(denoiser, segments_from_schedule(block_names, schedule))
+
+    config = policy.config
+    manifest = {
+        "format": FORMAT, "checkpoint": str(checkpoint), "checkpoint_sha256": weights, "schedule": schedule_info,
+        "arch": config.arch, "opset": opset, "precision": precision, "batch_sizes": list(batch_sizes),
+        "torch": torch.__version__, "blocks": block_names,
+        "inputs": {"x": [config.horizon, config.action_dim], "t": [], "cond": [config.n_obs_steps, config.obs_dim]},
+        "values": {}, "pieces": [],
+    }
+    for piece in pieces:
+        manifest["pieces"].append({"blocks": piece.blocks, "block_values": piece.block_values,
+                                   **{form: {"inputs": getattr(piece, form).inputs,
+                                             "outputs": getattr(piece, form).outputs, "files": {}}
+                                      for form in FORMS}})
+    jobs = [(b, k, form) for b in batch_sizes for k in range(len(pieces)) for form in FORMS
+            if getattr(pieces[k], form).outputs]
+    progress = tqdm(jobs, desc="export onnx", unit="graph", leave=False)
+    examples = {}
+    for batch, k, form in progress:
+        if batch not in examples:
+            examples[batch] = _example_values(pieces, policy, batch)
+            manifest["values"][str(batch)] = {name: list(v.shape) for name, v in examples[batch].items()}
+        part = getattr(pieces[k], form)
+        data = _onnx_bytes(part, examples[batch], opset)
+        relative = f"b{batch}/piece{k:02d}_{form}.onnx"
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        (out / relative).write_bytes(data)
+        manifest["pieces"][k][form]["files"][str(batch)] = {"file": relative, "sha256": sha256(data)}
+    # The manifest goes last: a folder without one (an interrupted export) is never loaded.
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+@torch.no_grad()
+def _example_values(pieces, policy, batch: int) -> dict[str, torch.Tensor]:
+    """Every value passed between pieces, from one full pass on example inputs (they fix the static shapes)."""
+    config = policy.config
+    generator = torch.Generator().manual_seed(0)
+    values = {
+        "x": torch.randn(batch, config.horizon, config.action_dim, generator=generator),
+        "t": torch.full((batch,), float(config.scheduler.num_train_timesteps // 2)),
+        "cond": torch.rand(batch, config.n_obs_steps, config.obs_dim, generator=generator) * 2 - 1,
+    }
+    for piece in pieces:
+        outputs = piece.full.module(*(values[name] for name in piece.full.inputs))
+        values.update(zip(piece.full.outputs, outputs))
+    return values
+
+
+def _onnx_bytes(part: Part, values: dict[str, torch.Tensor], opset: int) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of torch.export; its graphs for these small
+        # models are exact and need no onnxscript at run time.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(part.module, tuple(values[name] for name in part.inputs), buffer, dynamo=False,
+                          input_names=part.inputs, output_names=part.outputs, opset_version=opset,
+                          do_constant_folding=True)
+    return buffer.getvalue()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
