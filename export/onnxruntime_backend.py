@@ -107,13 +107,13 @@ class OrtDenoiser(nn.Module):
         return _OwnCache(self.cache)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        if (batch, 0, "full") not in self.sessions:
-            raise ValueError(f"batch {batch} was not exported (exported: {self.manifest['batch_sizes']})")
         cache = self.cache
         if cache.tokens is not None:
             raise NotImplementedError("token-wise compute (SADA's partial steps) runs on the torch backend only")
-        values = {"x": _array(x), "t": _array(t.to(torch.float32)), "cond": _array(cond)}
+        given = x.shape[0]
+        batch = self._exported_batch(given)
+        values = {name: _padded(_array(value), batch)
+                  for name, value in (("x", x), ("t", t.to(torch.float32)), ("cond", cond))}
         for k, piece in enumerate(self.pieces):
             computed = [name in cache.compute for name in piece["blocks"]]
             cache.requested += len(computed)
@@ -128,7 +128,14 @@ class OrtDenoiser(nn.Module):
             else:
                 raise ValueError(f"blocks {piece['blocks']} form one exported segment but are asked to run at "
                                  "different steps; export with the schedule in use")
-        return torch.from_numpy(values[MODEL_OUTPUT])
+        return torch.from_numpy(values[MODEL_OUTPUT][:given])
+
+    def _exported_batch(self, batch: int) -> int:
+        """Graphs have static shapes: a batch runs at the smallest exported size that holds it."""
+        fits = [size for size in self.manifest["batch_sizes"] if size >= batch]
+        if not fits:
+            raise ValueError(f"batch {batch} is larger than any exported batch size {self.manifest['batch_sizes']}")
+        return min(fits)
 
     def _run(self, batch: int, k: int, form: str, values: dict[str, np.ndarray]) -> None:
         part = self.pieces[k][form]
@@ -138,6 +145,13 @@ class OrtDenoiser(nn.Module):
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=np.float32)
+
+
+def _padded(array: np.ndarray, batch: int) -> np.ndarray:
+    """Rows repeated from the last up to `batch`; rows are independent, so the extra ones are dropped after."""
+    if len(array) == batch:
+        return array
+    return np.concatenate([array, np.repeat(array[-1:], batch - len(array), axis=0)])
 
 
 def use_onnxruntime(policy, folder: str | Path, checkpoint_sha256: str | None = None, threads: int = 1):

@@ -1,0 +1,156 @@
+"""Export: segments cut where a schedule says, ONNX graphs that match torch, files that are never half-used."""
+
+import pytest
+import torch
+
+from export.onnx_export import export_onnx
+from export.onnxruntime_backend import ExportError, OrtDenoiser, use_onnxruntime
+from export.segments import MODEL_INPUTS, run_pieces, segments_from_schedule, split
+from policies.checkpoint import checkpoint_hash, load_policy, save_policy
+from runtime.accel.bac import FORMAT, BACache, save_schedule
+from runtime.accel.hooks import CacheHooks
+from tests.conftest import make_tiny_policy
+
+STEPS = 10
+PATTERNS = ([0, 3, 6, 9], [0, 5], [0, 2, 4, 6, 8])  # update steps; pairs of neighbouring blocks share one
+
+
+def tiny_schedule(block_names: list[str], weights: str) -> dict:
+    blocks = {name: PATTERNS[(k // 2) % len(PATTERNS)] for k, name in enumerate(block_names)}
+    return {"format": FORMAT, "steps": STEPS, "solver": "ddim", "budget": 2, "checkpoint_sha256": weights,
+            "blocks": blocks}
+
+
+def inputs(policy, batch: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    config = policy.config
+    x = torch.randn(batch, config.horizon, config.action_dim, generator=generator)
+    t = torch.randint(0, 100, (batch,), generator=generator)
+    cond = torch.rand(batch, config.n_obs_steps, config.obs_dim, generator=generator) * 2 - 1
+    return x, t, cond
+
+
+def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((got - reference).abs().max() / reference.abs().max())
+
+
+@pytest.fixture(scope="module", params=["unet", "transformer"])
+def exported(request, tmp_path_factory):
+    """A tiny checkpoint, a schedule with several segments, and its export at batch sizes 1 and 3."""
+    folder = tmp_path_factory.mktemp(f"export-{request.param}")
+    checkpoint = save_policy(make_tiny_policy(request.param), folder / "policy")
+    policy = load_policy(checkpoint)
+    schedule = tiny_schedule([name for name, _ in policy.denoiser.cache_blocks()], checkpoint_hash(checkpoint))
+    save_schedule(schedule, folder / "schedule.json")
+    export_onnx(str(checkpoint), folder / "onnx", folder / "schedule.json", batch_sizes=(1, 3))
+    return checkpoint, schedule, folder / "onnx"
+
+
+def test_segments_are_runs_of_blocks_with_the_same_updates():
+    names = [f"b{k}" for k in range(7)]
+    schedule = tiny_schedule(names, "")
+    assert segments_from_schedule(names, schedule) == [["b0", "b1"], ["b2", "b3"], ["b4", "b5"], ["b6"]]
+    assert segments_from_schedule(names, None) == [names]
+    with pytest.raises(ValueError, match="does not have"):
+        segments_from_schedule(names[:-1], schedule)
+
+
+@torch.no_grad()
+def test_pieces_reproduce_the_model_exactly(policy):
+    names = [name for name, _ in policy.denoiser.cache_blocks()]
+    x, t, cond = inputs(policy, 2)
+    reference = policy.denoiser(x, t, cond)
+    for segments in ([names], [[name] for name in names]):
+        torch.testing.assert_close(run_pieces(split(policy.denoiser, segments), x, t, cond), reference, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_cached_piece_does_what_the_hooks_do_when_a_segment_is_served(policy):
+    names = [name for name, _ in policy.denoiser.cache_blocks()]
+    segments = [names[:2], names[2:5], names[5:]]
+    pieces = split(policy.denoiser, segments)
+    x, t, cond = inputs(policy, 2)
+    x_next, t_next, _ = inputs(policy, 2, seed=1)
+    hooks = CacheHooks(policy.denoiser).attach()
+    try:
+        hooks.cache.set_step(set(names))
+        policy.denoiser(x, t, cond)
+        cached = dict(hooks.cache.outputs)
+        hooks.cache.set_step(set(names) - set(segments[1]))
+        reference = policy.denoiser(x_next, t_next, cond)
+    finally:
+        hooks.detach()
+    values = dict(zip(MODEL_INPUTS, (x_next, t_next, cond)))
+    for k, piece in enumerate(pieces):
+        part = piece.cached if k == 1 else piece.full
+        if k == 1:
+            values.update({value: cached[name] for name, value in zip(piece.blocks, piece.block_values)})
+        values.update(zip(part.outputs, part.module(*(values[name] for name in part.inputs))))
+    torch.testing.assert_close(values["out"], reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 2])  # 2 was not exported: it runs padded to 3
+def test_onnxruntime_denoiser_matches_torch(exported, batch):
+    checkpoint, _, folder = exported
+    policy = load_policy(checkpoint)
+    denoiser = OrtDenoiser(folder, checkpoint_hash(checkpoint))
+    x, t, cond = inputs(policy, batch)
+    with torch.no_grad():
+        reference = policy.denoiser(x, t, cond)
+    got = denoiser(x, t, cond)
+    assert got.shape == reference.shape
+    assert relative_error(got, reference) <= 1e-4
+
+
+def test_onnxruntime_chunk_with_the_schedule_matches_torch(exported):
+    checkpoint, schedule, folder = exported
+    reference_policy = load_policy(checkpoint)
+    policy = use_onnxruntime(load_policy(checkpoint), folder, checkpoint_hash(checkpoint))
+    solver = policy.make_solver("ddim", STEPS)
+    obs = torch.rand(3, policy.config.n_obs_steps, policy.config.obs_dim, generator=torch.Generator().manual_seed(2))
+    for make in (lambda: None, lambda: BACache(schedule, "ddim", STEPS)):
+        torch_accel, ort_accel = make(), make()
+        reference = reference_policy.predict_chunk(obs, solver, torch.Generator().manual_seed(3), torch_accel)
+        got = policy.predict_chunk(obs, solver, torch.Generator().manual_seed(3), ort_accel)
+        assert relative_error(got, reference) <= 1e-4
+        if torch_accel is not None:  # the same blocks ran: the backend's cache counts as the hooks do
+            assert ort_accel.stats() == torch_accel.stats()
+            assert ort_accel.stats()["block_evals_fraction"] < 1
+
+
+def test_a_schedule_that_splits_an_exported_segment_is_refused(exported, tmp_path):
+    checkpoint, schedule, _ = exported
+    export_onnx(str(checkpoint), tmp_path / "whole", batch_sizes=(1,))  # no schedule: one segment
+    policy = use_onnxruntime(load_policy(checkpoint), tmp_path / "whole")
+    obs = torch.zeros(1, policy.config.n_obs_steps, policy.config.obs_dim)
+    with pytest.raises(ValueError, match="export with the schedule"):
+        policy.predict_chunk(obs, policy.make_solver("ddim", STEPS), None, BACache(schedule, "ddim", STEPS))
+
+
+def test_a_corrupted_graph_is_refused_before_any_session(exported, tmp_path):
+    checkpoint, _, folder = exported
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            target = copy / path.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    graph = sorted(copy.rglob("*.onnx"))[-1]
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=graph.name):
+        OrtDenoiser(copy)
+    graph.unlink()
+    with pytest.raises(ExportError, match="missing"):
+        OrtDenoiser(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(ExportError, match="no manifest.json"):
+        OrtDenoiser(copy)
+
+
+def test_an_export_of_other_weights_is_refused(exported):
+    _, _, folder = exported
+    with pytest.raises(ExportError, match="other weights"):
+        OrtDenoiser(folder, checkpoint_sha256="0" * 64)
