@@ -26,7 +26,7 @@ from export.segments import MODEL_OUTPUT
 from runtime.accel.hooks import BlockCache
 
 
-class ExportError(Exception):
+class ExportError(ValueError):
     """An export folder that cannot be used as it is (missing, corrupted, or made for something else)."""
 
 

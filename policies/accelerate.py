@@ -58,10 +58,15 @@ def calibrate_bac(checkpoint: str, solver_name: str, steps: int, budget: int, de
         calibration={"observations": next(iter(outputs.values())).shape[1], "seed": seed, "bubble_blocks": bubble,
                      "similarity": "cached step vs every step that reuses it (official code's variant)"},
     )
-    path = Path(out) if out else resolve(checkpoint) / schedule_filename(solver_name, steps)
+    path = Path(out) if out else schedule_path_for(checkpoint, solver_name, steps)
     save_schedule(schedule, path)
     plot_schedule(schedule, path.with_suffix(".png"))
     return schedule, path
+
+
+def schedule_path_for(checkpoint: str, solver_name: str, steps: int) -> Path:
+    """Where `rtdiff calibrate bac` puts a checkpoint's schedule by default, and where `--accel bac` looks."""
+    return resolve(checkpoint) / schedule_filename(solver_name, steps)
 
 
 def policy_accelerator(name: str, checkpoint: str, solver_name: str, steps: int, schedule: dict | None = None,
@@ -69,7 +74,7 @@ def policy_accelerator(name: str, checkpoint: str, solver_name: str, steps: int,
     """The named accelerator for a checkpoint; `bac` reads the schedule calibrated beside it unless given one."""
     if name in ("bac", "bac+sada"):
         if schedule is None:
-            schedule = load_schedule(resolve(checkpoint) / schedule_filename(solver_name, steps))
+            schedule = load_schedule(schedule_path_for(checkpoint, solver_name, steps))
         return make_accelerator(name, schedule=schedule, solver=solver_name, steps=steps,
                                 checkpoint_hash=checkpoint_hash(checkpoint), **options)
     if schedule is not None:

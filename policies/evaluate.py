@@ -11,11 +11,12 @@ from policies.accelerate import policy_accelerator
 
 
 def _evaluate_seeds(checkpoint: str, solver_name: str, steps: int, accel: str, accel_options: dict, seeds: list[int],
-                    threads: int) -> tuple[list, list, dict]:
+                    threads: int, backend: str = "torch") -> tuple[list, list, dict]:
+    from export.backends import with_backend
     from sims.tasks import get_task
 
     torch.set_num_threads(threads)
-    policy = load_policy(checkpoint)
+    policy = with_backend(load_policy(checkpoint), checkpoint, backend, solver_name, steps, accel, threads=threads)
     run_episodes = get_task(policy.config.task).load().run_episodes
     accelerator = policy_accelerator(accel, checkpoint, solver_name, steps, **accel_options)
     controller = PolicyController(policy, policy.make_solver(solver_name, steps), accelerator)
@@ -25,26 +26,31 @@ def _evaluate_seeds(checkpoint: str, solver_name: str, steps: int, accel: str, a
 
 
 def evaluate(checkpoint: str, episodes: int, seed: int, solver: str, steps: int, accel: str = "none",
-             workers: int = 1, accel_options: dict | None = None, task: str | None = None) -> dict:
+             workers: int = 1, accel_options: dict | None = None, task: str | None = None, backend: str = "torch") -> dict:
     """Runs `episodes` seeded episodes (seeds seed, seed+1, ...); with workers > 1, one torch thread each.
 
-    `accel_options` go to the accelerator (a BAC `schedule`, SADA's `threshold`, ...)."""
+    `accel_options` go to the accelerator (a BAC `schedule`, SADA's `threshold`, ...); `backend` is torch or
+    onnxruntime (export/backends.py: the export is built here, once, before any worker starts)."""
     accel_options = accel_options or {}
     policy = load_policy(checkpoint)  # fail here, once, on a bad checkpoint, solver or accelerator
     if task is not None and policy.config.task != task:
         raise ValueError(f"checkpoint {checkpoint} is a {policy.config.task} policy, not {task}")
     policy.make_solver(solver, steps)
     policy_accelerator(accel, checkpoint, solver, steps, **accel_options)
+    if backend != "torch":
+        from export.backends import with_backend
+
+        with_backend(load_policy(checkpoint), checkpoint, backend, solver, steps, accel)
     seeds = list(range(seed, seed + episodes))
     threads = 2 if workers == 1 else 1
     if workers == 1:
-        outputs = [_evaluate_seeds(checkpoint, solver, steps, accel, accel_options, seeds, threads)]
+        outputs = [_evaluate_seeds(checkpoint, solver, steps, accel, accel_options, seeds, threads, backend)]
     else:
         from runtime.parallel import starmap_processes
 
         parts = [seeds[k::workers] for k in range(workers)]
-        outputs = starmap_processes(_evaluate_seeds, [(checkpoint, solver, steps, accel, accel_options, part, threads)
-                                                      for part in parts])
+        outputs = starmap_processes(_evaluate_seeds, [(checkpoint, solver, steps, accel, accel_options, part, threads,
+                                                       backend) for part in parts])
     results = sorted(r for part, _, _ in outputs for r in part)
     latencies = [ms for _, part, _ in outputs for ms in part]
     chunks = [len(part) for _, part, _ in outputs]
@@ -69,6 +75,7 @@ def evaluate(checkpoint: str, episodes: int, seed: int, solver: str, steps: int,
             "chunks": len(latencies),
         },
         "accel": accel,
+        "backend": backend,
         **accel_stats,
         "workers": workers,
         "torch_threads": threads,

@@ -24,12 +24,17 @@ from runtime.protocol import Message, ProtocolError
 class PolicyService:
     batchable = True
 
-    def __init__(self, checkpoint: str, solver: str = "ddim", steps: int = 10, accel: str = "none", seed: int = 0):
+    def __init__(self, checkpoint: str, solver: str = "ddim", steps: int = 10, accel: str = "none", seed: int = 0,
+                 backend: str = "torch", batch_sizes: tuple[int, ...] = (1, 4, 16), threads: int = 1):
+        from export.backends import with_backend
+
         self.checkpoint = str(checkpoint)
-        self.policy = load_policy(checkpoint)
+        # batch_sizes: the static shapes an exported backend is built for; other batches run padded up
+        self.policy = with_backend(load_policy(checkpoint), checkpoint, backend, solver, steps, accel, batch_sizes,
+                                   threads)
         self.solver = self.policy.make_solver(solver, steps)
         self.accelerator = policy_accelerator(accel, checkpoint, solver, steps)
-        self.solver_name, self.steps, self.accel = solver, steps, accel
+        self.solver_name, self.steps, self.accel, self.backend = solver, steps, accel, backend
         self.generator = torch.Generator().manual_seed(seed)
         config = self.policy.config
         self.obs_shape = (config.n_obs_steps, config.obs_dim)
@@ -50,6 +55,7 @@ class PolicyService:
             "solver": self.solver_name,
             "steps": self.steps,
             "accel": self.accel,
+            "backend": self.backend,
         }
 
     def check(self, message: Message) -> None:

@@ -1,4 +1,4 @@
-"""The `rtdiff` command line: expert, demos, train, calibrate, eval, demo, serve, sim, keys.
+"""The `rtdiff` command line: expert, demos, train, calibrate, export, eval, demo, serve, sim, keys.
 
 Every failure a user can cause (a missing checkpoint, a wrong shape, an unknown
 solver) ends in one line, `rtdiff: error: ...`, and exit status 2.
@@ -93,7 +93,7 @@ def cmd_eval(args) -> None:
 
     args.checkpoint = args.checkpoint or f"{args.task}-unet"
     report = evaluate(args.checkpoint, args.episodes, args.seed, args.solver, args.steps, accel=args.accel,
-                      workers=args.workers, task=args.task)
+                      workers=args.workers, task=args.task, backend=args.backend)
     print(format_table([report]))
     _write_json(args.json, report)
 
@@ -111,7 +111,8 @@ def cmd_demo(args) -> None:
         address = f"ipc://{workdir}/server.ipc"
         server = subprocess.Popen(
             [sys.executable, "-m", "runtime.cli", "serve", "--model", f"{args.task}={checkpoint}", "--bind", address,
-             "--solver", args.solver, "--steps", str(args.steps), "--accel", args.accel, "--threads", "1"],
+             "--solver", args.solver, "--steps", str(args.steps), "--accel", args.accel, "--threads", "1",
+             "--backend", args.backend],
             stdout=subprocess.PIPE, text=True)
         try:
             line = server.stdout.readline()
@@ -139,6 +140,28 @@ def cmd_calibrate(args) -> None:
           f"bubbled {schedule['bubbled']}")
 
 
+def cmd_export(args) -> None:
+    if args.check:
+        from export.check import check_export
+
+        problems = check_export(args.check)
+        print("\n".join(problems) if problems else f"{args.check}: every graph passes")
+        if problems:
+            raise SystemExit(1)
+        return
+    if not args.checkpoint or not args.out:
+        raise ValueError("export needs --checkpoint and --out (or --check DIR)")
+    if args.format != "onnx":
+        raise ValueError(f"format {args.format!r}: TensorRT engines are built from the ONNX export on a machine "
+                         "with TensorRT and a GPU (not implemented yet)")
+    from export.onnx_export import export_onnx
+
+    batch_sizes = tuple(int(b) for b in args.batch.split(","))
+    manifest = export_onnx(args.checkpoint, args.out, args.schedule, batch_sizes, args.precision, args.opset)
+    graphs = sum(len(p[form]["files"]) for p in manifest["pieces"] for form in ("full", "cached"))
+    print(f"wrote {args.out}: {len(manifest['pieces'])} segments, {graphs} graphs, batch sizes {list(batch_sizes)}")
+
+
 def cmd_serve(args) -> None:
     import logging
 
@@ -154,11 +177,14 @@ def cmd_serve(args) -> None:
         name, sep, checkpoint = spec.partition("=")
         if not sep or not name or not checkpoint:
             raise ValueError(f"--model takes NAME=CHECKPOINT, got {spec!r}")
-        services[name] = PolicyService(checkpoint, args.solver, args.steps, args.accel)
+        # an exported backend is built for these batch sizes (static shapes); batches between run padded up
+        batch_sizes = tuple(sorted({1, min(4, args.max_batch), min(16, args.max_batch), args.max_batch}))
+        services[name] = PolicyService(checkpoint, args.solver, args.steps, args.accel, backend=args.backend,
+                                       batch_sizes=batch_sizes, threads=args.threads)
     config = ServerConfig(bind=args.bind, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, curve_dir=args.curve)
     server = Server(services, config)
     print(f"serving {', '.join(f'{n}={s.checkpoint}' for n, s in services.items())} on {server.address} "
-          f"({args.solver} {args.steps}, accel {args.accel}, max batch {args.max_batch}"
+          f"({args.solver} {args.steps}, accel {args.accel}, backend {args.backend}, max batch {args.max_batch}"
           f"{', CURVE' if args.curve else ''})", flush=True)
     server.serve_forever(handle_signals=True)
     print("server stopped", flush=True)
@@ -227,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--solver", default="ddim", help="ddim | ddpm | dpmpp")
         sub.add_argument("--steps", type=int, default=10)
         sub.add_argument("--accel", default="none", help="none | uniform | bac | sada | bac+sada (bac: `rtdiff calibrate bac` first)")
+        sub.add_argument("--backend", default="torch", help="torch | onnxruntime (exported on first use, cached)")
         sub.add_argument("--json")
 
     calibrate = commands.add_parser("calibrate", help="calibrate an accelerator's schedule for a checkpoint")
@@ -241,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--demos", default=str(DEMOS_PATH))
     calibrate.add_argument("--out", help="schedule JSON (default: beside the checkpoint, where --accel bac looks)")
     calibrate.set_defaults(run=cmd_calibrate)
+
+    export = commands.add_parser("export", help="export a policy to ONNX, one graph per schedule segment; or check one")
+    export.add_argument("--checkpoint", help="bundled name or checkpoint folder")
+    export.add_argument("--schedule", help="BAC schedule JSON: its segments become the graphs (default: one segment)")
+    export.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
+    export.add_argument("--batch", default="1", help="comma-separated static batch sizes, e.g. 1,16")
+    export.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--out", help="output folder")
+    export.add_argument("--check", metavar="DIR", help="check an export for TensorRT instead; exit 1 on problems")
+    export.set_defaults(run=cmd_export)
 
     evaluate = commands.add_parser("eval", help="closed-loop evaluation of a policy in PushT")
     add_eval_options(evaluate, episodes=50)
@@ -260,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--solver", default="ddim")
     serve.add_argument("--steps", type=int, default=10)
     serve.add_argument("--accel", default="none")
+    serve.add_argument("--backend", default="torch", help="torch | onnxruntime")
     serve.add_argument("--max-batch", type=int, default=16, help="1 turns dynamic batching off")
     serve.add_argument("--max-wait-ms", type=float, default=0.0,
                        help="how long a request may wait for others to batch with (0: none; load makes batches)")
@@ -291,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (FileNotFoundError, ValueError, KeyError, TimeoutError) as error:
+    except (FileNotFoundError, ValueError, KeyError, TimeoutError, NotImplementedError) as error:
         parser.exit(2, f"rtdiff: error: {error}\n")
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from export.check import check_export, check_model
 from export.onnx_export import export_onnx
 from export.onnxruntime_backend import ExportError, OrtDenoiser, use_onnxruntime
 from export.segments import MODEL_INPUTS, run_pieces, segments_from_schedule, split
@@ -154,3 +155,33 @@ def test_an_export_of_other_weights_is_refused(exported):
     _, _, folder = exported
     with pytest.raises(ExportError, match="other weights"):
         OrtDenoiser(folder, checkpoint_sha256="0" * 64)
+
+
+def planted_graph(op: str, **attributes):
+    """x -> Cast(float64) -> Cast(float32) -> `op` -> y: a float64 value and, unless op is Identity, an odd op."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Cast", ["x"], ["x64"], name="planted_cast", to=TensorProto.DOUBLE),
+             helper.make_node("Cast", ["x64"], ["x32"], name="cast_back", to=TensorProto.FLOAT),
+             helper.make_node(op, ["x32"], ["y"], name="planted_op", **attributes)]
+    graph = helper.make_graph(nodes, "planted", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_check_passes_the_exports_graphs(exported):
+    assert check_export(exported[2]) == []
+
+
+def test_check_names_a_planted_float64_and_an_unsupported_op():
+    problems = check_model(planted_graph("Identity"), "g.onnx")
+    assert any("planted_cast" in p and "float64" in p for p in problems)
+    assert not any("planted_op" in p for p in problems)
+    problems = check_model(planted_graph("Hardmax"), "g.onnx")  # supported: control for the next line
+    assert not any("planted_op" in p for p in problems)
+    from onnx import helper
+
+    model = planted_graph("Identity")
+    model.graph.node[2].CopyFrom(helper.make_node("STFT", ["x32"], ["y"], name="planted_op"))
+    problems = check_model(model, "g.onnx")
+    assert any("planted_op (STFT)" in p and "not supported" in p for p in problems)
