@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 
 from export.onnx_export import export_onnx, sha256
-from export.onnxruntime_backend import ExportError, use_onnxruntime
+from export.exported import ExportError
+from export.onnxruntime_backend import use_onnxruntime
 from policies.accelerate import schedule_path_for
 from policies.checkpoint import checkpoint_hash
 
@@ -35,7 +36,7 @@ def export_folder(checkpoint: str, schedule: Path | None, batch_sizes: tuple[int
 
 def ensure_onnx_export(checkpoint: str, schedule: Path | None, batch_sizes: tuple[int, ...]) -> Path:
     """The folder of a usable export for these settings, exporting (again) when there is none."""
-    from export.onnxruntime_backend import load_manifest
+    from export.exported import load_manifest
 
     folder = export_folder(checkpoint, schedule, batch_sizes)
     try:

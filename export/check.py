@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.onnxruntime_backend import load_manifest
+from export.exported import load_manifest
 
 OPSETS = range(9, 21)  # TensorRT 10.0 parses opsets 9 to 20
 # Ops the ONNX-TensorRT parser of TensorRT 10.0 supports (onnx-tensorrt docs/operators.md, release 10.0).

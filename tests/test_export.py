@@ -5,7 +5,8 @@ import torch
 
 from export.check import check_export, check_model
 from export.onnx_export import export_onnx
-from export.onnxruntime_backend import ExportError, OrtDenoiser, use_onnxruntime
+from export.exported import ExportError
+from export.onnxruntime_backend import OrtDenoiser, use_onnxruntime
 from export.segments import MODEL_INPUTS, run_pieces, segments_from_schedule, split
 from policies.checkpoint import checkpoint_hash, load_policy, save_policy
 from runtime.accel.bac import FORMAT, BACache, save_schedule
