@@ -21,7 +21,7 @@ from policies.checkpoint import checkpoint_hash
 
 log = logging.getLogger("rtdiff.export")
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "cudagraph")  # the last two: where a GPU (and tensorrt) exist
 
 
 def cache_root() -> Path:
@@ -55,11 +55,20 @@ def ensure_onnx_export(checkpoint: str, schedule: Path | None, batch_sizes: tupl
 
 def with_backend(policy, checkpoint: str, backend: str, solver: str, steps: int, accel: str,
                  batch_sizes: tuple[int, ...] = (1,), threads: int = 1):
-    """The policy running on `backend` (in place for onnxruntime; unchanged for torch)."""
+    """The policy running on `backend` (its denoiser replaced in place; unchanged for torch)."""
     if backend == "torch":
         return policy
-    if backend != "onnxruntime":
-        raise ValueError(f"backend {backend!r}; available here: {', '.join(BACKENDS)}")
+    if backend == "cudagraph":
+        from export.cudagraph import use_cudagraph
+
+        return use_cudagraph(policy)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     schedule = schedule_path_for(checkpoint, solver, steps) if accel in ("bac", "bac+sada") else None
     folder = ensure_onnx_export(checkpoint, schedule, batch_sizes)
-    return use_onnxruntime(policy, folder, checkpoint_hash(checkpoint), threads)
+    if backend == "onnxruntime":
+        return use_onnxruntime(policy, folder, checkpoint_hash(checkpoint), threads)
+    from export.tensorrt_backend import TrtDenoiser
+
+    policy.denoiser = TrtDenoiser(folder, checkpoint_hash(checkpoint))
+    return policy

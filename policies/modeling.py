@@ -23,6 +23,7 @@ class DiffusionPolicy(nn.Module):
         self.denoiser = DENOISERS[config.arch](config)
         self.obs_normalizer = MinMaxNormalizer(config.obs_dim)
         self.action_normalizer = MinMaxNormalizer(config.action_dim)
+        self.sampler = sample  # the whole trajectory; a backend may swap it (export/cudagraph.py replays a graph)
 
     def make_solver(self, name: str, steps: int) -> Solver:
         return make_solver(name, self.config.scheduler, steps)
@@ -41,13 +42,14 @@ class DiffusionPolicy(nn.Module):
         The initial noise is drawn from `generator` unless given (a server draws it per request, so a
         request's answer does not depend on what it was batched with)."""
         self.check_observations(obs)
-        cond = self.obs_normalizer.normalize(obs.to(torch.float32))
+        device = self.obs_normalizer.min.device  # where the policy lives; the noise is drawn on the CPU regardless
+        cond = self.obs_normalizer.normalize(obs.to(device, torch.float32))
         if noise is None:
             noise = self.initial_noise(obs.shape[0], generator)
         if accelerator is not None:
             accelerator.bind(self.denoiser)
-        actions = sample(self.denoiser, solver, noise, cond, generator, accelerator)
-        return self.action_normalizer.unnormalize(actions)
+        actions = self.sampler(self.denoiser, solver, noise.to(device), cond, generator, accelerator)
+        return self.action_normalizer.unnormalize(actions).to(obs.device)
 
     def initial_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn((batch, self.config.horizon, self.config.action_dim), generator=generator, dtype=torch.float32)

@@ -151,15 +151,17 @@ def cmd_export(args) -> None:
         return
     if not args.checkpoint or not args.out:
         raise ValueError("export needs --checkpoint and --out (or --check DIR)")
-    if args.format != "onnx":
-        raise ValueError(f"format {args.format!r}: TensorRT engines are built from the ONNX export on a machine "
-                         "with TensorRT and a GPU (not implemented yet)")
     from export.onnx_export import export_onnx
 
     batch_sizes = tuple(int(b) for b in args.batch.split(","))
     manifest = export_onnx(args.checkpoint, args.out, args.schedule, batch_sizes, args.precision, args.opset)
     graphs = sum(len(p[form]["files"]) for p in manifest["pieces"] for form in ("full", "cached"))
     print(f"wrote {args.out}: {len(manifest['pieces'])} segments, {graphs} graphs, batch sizes {list(batch_sizes)}")
+    if args.format == "tensorrt":  # engines from the same graphs, cached beside them
+        from export.tensorrt_backend import TrtDenoiser
+
+        TrtDenoiser(args.out, cache_dir=Path(args.out) / "engines")
+        print(f"built TensorRT engines into {args.out}/engines")
 
 
 def cmd_serve(args) -> None:
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--solver", default="ddim", help="ddim | ddpm | dpmpp")
         sub.add_argument("--steps", type=int, default=10)
         sub.add_argument("--accel", default="none", help="none | uniform | bac | sada | bac+sada (bac: `rtdiff calibrate bac` first)")
-        sub.add_argument("--backend", default="torch", help="torch | onnxruntime (exported on first use, cached)")
+        sub.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt (exported and built on first use, cached)")
         sub.add_argument("--json")
 
     calibrate = commands.add_parser("calibrate", help="calibrate an accelerator's schedule for a checkpoint")
@@ -298,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--solver", default="ddim")
     serve.add_argument("--steps", type=int, default=10)
     serve.add_argument("--accel", default="none")
-    serve.add_argument("--backend", default="torch", help="torch | onnxruntime")
+    serve.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt")
     serve.add_argument("--max-batch", type=int, default=16, help="1 turns dynamic batching off")
     serve.add_argument("--max-wait-ms", type=float, default=0.0,
                        help="how long a request may wait for others to batch with (0: none; load makes batches)")

@@ -1,5 +1,7 @@
 """Export: segments cut where a schedule says, ONNX graphs that match torch, files that are never half-used."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -186,3 +188,58 @@ def test_check_names_a_planted_float64_and_an_unsupported_op():
     model.graph.node[2].CopyFrom(helper.make_node("STFT", ["x32"], ["y"], name="planted_op"))
     problems = check_model(model, "g.onnx")
     assert any("planted_op (STFT)" in p and "not supported" in p for p in problems)
+
+
+# -- GPU backends: these run only where CUDA (and, for TensorRT, the `tensorrt` package) exist ---------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_tensorrt = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("tensorrt") is None,
+                                    reason="needs a CUDA GPU and the tensorrt package")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_backends_refuse_clearly_without_a_gpu(exported):
+    from export.cudagraph import use_cudagraph
+    from export.tensorrt_backend import TrtDenoiser
+
+    checkpoint, _, folder = exported
+    with pytest.raises(ValueError, match="needs CUDA"):
+        use_cudagraph(load_policy(checkpoint))
+    with pytest.raises(ValueError, match="tensorrt"):
+        TrtDenoiser(folder)
+
+
+@needs_cuda
+def test_cudagraph_trajectory_matches_eager_on_the_gpu(exported):
+    from export.cudagraph import use_cudagraph
+
+    checkpoint, schedule, _ = exported
+    eager = load_policy(checkpoint).to("cuda")
+    graphed = use_cudagraph(load_policy(checkpoint))
+    solver = eager.make_solver("ddim", STEPS)
+    obs = torch.rand(3, eager.config.n_obs_steps, eager.config.obs_dim, generator=torch.Generator().manual_seed(2))
+    for make in (lambda: None, lambda: BACache(schedule, "ddim", STEPS)):
+        eager_accel, graphed_accel = make(), make()
+        reference = eager.predict_chunk(obs, solver, torch.Generator().manual_seed(3), eager_accel)
+        for _ in range(2):  # the first call captures, the second replays
+            got = graphed.predict_chunk(obs, solver, torch.Generator().manual_seed(3), graphed_accel)
+            assert relative_error(got, reference) <= 1e-4
+        if eager_accel is not None:
+            eager.predict_chunk(obs, solver, torch.Generator().manual_seed(3), eager_accel)
+            assert graphed_accel.stats() == eager_accel.stats()
+
+
+@needs_tensorrt
+def test_tensorrt_matches_torch_and_rebuilds_a_corrupted_engine(exported, tmp_path):
+    from export.tensorrt_backend import TrtDenoiser
+
+    checkpoint, _, folder = exported
+    policy = load_policy(checkpoint)
+    x, t, cond = inputs(policy, 3)
+    with torch.no_grad():
+        reference = policy.denoiser(x, t, cond)
+    assert relative_error(TrtDenoiser(folder, cache_dir=tmp_path)(x, t, cond), reference) <= 1e-4
+    assert list(tmp_path.glob("*.engine"))
+    for engine in tmp_path.glob("*.engine"):
+        engine.write_bytes(b"not an engine")
+    assert relative_error(TrtDenoiser(folder, cache_dir=tmp_path)(x, t, cond), reference) <= 1e-4

@@ -1,0 +1,90 @@
+"""CUDA-graph backend for the torch path: a whole sampling trajectory captured once and replayed.
+
+NOT RUN YET: written on machines without a GPU; its test skips unless CUDA is
+available.
+
+Why a whole trajectory and not one graph per step: with a static cache
+schedule (none, uniform, BAC) every decision the accelerator makes depends on
+the step index alone, so the Python that makes them runs once, at capture,
+and the cached block outputs it hands from step to step live inside the same
+graph's memory pool. Each replay then runs every kernel of every step with
+no Python and no launch overhead in between.
+
+What cannot be captured is refused by name: SADA (its decisions depend on
+the data) and DDPM (it draws noise from the caller's CPU generator).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.sampling import sample
+
+STATIC_ACCELERATORS = ("none", "uniform", "bac")
+
+
+class GraphedSampler:
+    """Drop-in for `runtime.sampling.sample` on CUDA: one captured graph per (batch, solver, accelerator)."""
+
+    def __init__(self, warmup: int = 2):
+        self.warmup = warmup
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, denoiser, solver, noise, cond, generator=None, accelerator=None) -> torch.Tensor:
+        if noise.device.type != "cuda":
+            raise ValueError("the cudagraph backend runs on CUDA tensors; move the policy to the GPU")
+        name = getattr(accelerator, "name", "none")
+        if name not in STATIC_ACCELERATORS:
+            raise ValueError(f"accelerator {name!r} decides from the data; only {STATIC_ACCELERATORS} can be captured")
+        if solver.name == "ddpm":
+            raise ValueError("DDPM draws fresh noise from a CPU generator at every step; capture ddim or dpmpp")
+        key = (noise.shape, cond.shape, id(solver), id(accelerator))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(denoiser, solver, noise, cond, accelerator)
+        graph, static_noise, static_cond, static_out, counts = self.graphs[key]
+        static_noise.copy_(noise)
+        static_cond.copy_(cond)
+        graph.replay()
+        _add_counts(accelerator, counts)  # the replay did what the captured trajectory did; count it so
+        return static_out.clone()
+
+    def _capture(self, denoiser, solver, noise, cond, accelerator):
+        static_noise, static_cond = noise.clone(), cond.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: allocator and kernel caches settle first
+            for _ in range(self.warmup):
+                sample(denoiser, solver, static_noise, static_cond, None, accelerator)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        before = _counts(accelerator)
+        with torch.cuda.graph(graph):
+            static_out = sample(denoiser, solver, static_noise, static_cond, None, accelerator)
+        counts = {key: value - before[key] for key, value in _counts(accelerator).items()}
+        _add_counts(accelerator, {key: -value for key, value in counts.items()})  # capture ran nothing
+        return graph, static_noise, static_cond, static_out, counts
+
+
+def _counts(accelerator) -> dict:
+    """What an accelerator counts per trajectory (its stats come from these)."""
+    if accelerator is None:
+        return {}
+    counts = {name: getattr(accelerator, name) for name in ("model_calls", "steps", "trajectories")}
+    if accelerator.hooks is not None:
+        counts.update(evaluated=accelerator.hooks.cache.evaluated, requested=accelerator.hooks.cache.requested)
+    return counts
+
+
+def _add_counts(accelerator, counts: dict) -> None:
+    for name, value in counts.items():
+        owner = accelerator.hooks.cache if name in ("evaluated", "requested") else accelerator
+        setattr(owner, name, getattr(owner, name) + value)
+
+
+def use_cudagraph(policy):
+    """The policy on the GPU, sampling through captured trajectories (in place; returns the policy)."""
+    if not torch.cuda.is_available():
+        raise ValueError("the cudagraph backend needs CUDA; torch sees no GPU")
+    policy.to("cuda")
+    policy.sampler = GraphedSampler()
+    return policy
