@@ -7,6 +7,7 @@ solver) ends in one line, `rtdiff: error: ...`, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -98,34 +99,42 @@ def cmd_eval(args) -> None:
     _write_json(args.json, report)
 
 
-def cmd_demo(args) -> None:
-    """What `make demo` runs: a server process with the bundled UNet policy and a sim client process that
-    runs seeded episodes against it over ZeroMQ in real time, prints the table, writes one rollout as a
-    video, and then the server is shut down."""
+@contextlib.contextmanager
+def _local_server(task: str, checkpoint: str, solver: str, steps: int, accel: str, backend: str):
+    """A server process for one policy on a private ipc socket; yields its address, stops it after."""
     import signal
     import subprocess
     import tempfile
 
-    checkpoint = args.checkpoint or f"{args.task}-unet"
-    with tempfile.TemporaryDirectory(prefix="rtdiff-demo-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="rtdiff-serve-") as workdir:
         address = f"ipc://{workdir}/server.ipc"
         server = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "serve", "--model", f"{args.task}={checkpoint}", "--bind", address,
-             "--solver", args.solver, "--steps", str(args.steps), "--accel", args.accel, "--threads", "1",
-             "--backend", args.backend],
+            [sys.executable, "-m", "runtime.cli", "serve", "--model", f"{task}={checkpoint}", "--bind", address,
+             "--solver", solver, "--steps", str(steps), "--accel", accel, "--threads", "1", "--backend", backend],
             stdout=subprocess.PIPE, text=True)
         try:
             line = server.stdout.readline()
             if not line.startswith("serving"):
                 raise ValueError(f"the server did not start (exit {server.wait()}): {line.strip()}")
             print(line.strip(), flush=True)
-            sim = subprocess.run(
-                [sys.executable, "-m", "runtime.cli", "sim", args.task, "--server", address, "--episodes",
-                 str(args.episodes), "--seed", str(args.seed), "--workers", str(args.workers), "--video", args.video,
-                 "--json", args.json])
+            yield address
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)
+
+
+def cmd_demo(args) -> None:
+    """What `make demo` runs: a server process with the bundled UNet policy and a sim client process that
+    runs seeded episodes against it over ZeroMQ in real time, prints the table, writes one rollout as a
+    video, and then the server is shut down."""
+    import subprocess
+
+    checkpoint = args.checkpoint or f"{args.task}-unet"
+    with _local_server(args.task, checkpoint, args.solver, args.steps, args.accel, args.backend) as address:
+        sim = subprocess.run(
+            [sys.executable, "-m", "runtime.cli", "sim", args.task, "--server", address, "--episodes",
+             str(args.episodes), "--seed", str(args.seed), "--workers", str(args.workers), "--video", args.video,
+             "--json", args.json])
     if sim.returncode != 0:
         raise ValueError(f"the sim client failed (exit {sim.returncode})")
     print(f"rollout of seed {args.seed}: {Path(args.video).resolve()}; report: {Path(args.json).resolve()}")
@@ -195,8 +204,16 @@ def cmd_serve(args) -> None:
 def cmd_sim(args) -> None:
     from sims.remote import format_remote_table, run_remote
 
-    report = run_remote(args.task, args.server, args.model, args.episodes, args.seed, args.rate, args.workers,
-                        curve_dir=args.curve, video=args.video)
+    def run(address: str) -> dict:
+        return run_remote(args.task, address, args.model, args.episodes, args.seed, args.rate, args.workers,
+                          curve_dir=args.curve, video=args.video)
+
+    if args.backend is None:
+        report = run(args.server)
+    else:  # a server of our own, for this policy on this backend
+        checkpoint = args.checkpoint or f"{args.task}-unet"
+        with _local_server(args.task, checkpoint, args.solver, args.steps, args.accel, args.backend) as address:
+            report = run(address)
     print(format_remote_table(report))
     _write_json(args.json, report)
 
@@ -319,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--curve", metavar="KEYDIR")
     sim.add_argument("--video", help="write the first episode as a video (mp4 or gif)")
     sim.add_argument("--json")
+    local = sim.add_argument_group("a local server", "with --backend, sim starts its own server for --checkpoint "
+                                   "instead of connecting to --server")
+    local.add_argument("--backend", help="torch | onnxruntime | tensorrt")
+    local.add_argument("--checkpoint", help="bundled name or checkpoint folder (default: TASK-unet)")
+    local.add_argument("--solver", default="ddim")
+    local.add_argument("--steps", type=int, default=10)
+    local.add_argument("--accel", default="none")
     sim.set_defaults(run=cmd_sim)
 
     keys = commands.add_parser("keys", help="make CURVE certificates for the server and one client")

@@ -89,6 +89,7 @@ def run_remote(task: str, address: str, model: str | None, episodes: int, seed: 
         "solver": info["solver"],
         "steps": info["steps"],
         "accel": info["accel"],
+        "backend": info.get("backend", "torch"),  # servers before backends existed did not say
         "episodes": len(results),
         "seeds": [s for s, _, _, _ in results],
         "scores": scores,
