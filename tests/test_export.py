@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from export.check import check_export, check_model
-from export.onnx_export import export_onnx
+from export.onnx_export import export_onnx, sha256
 from export.exported import ExportError
 from export.onnxruntime_backend import OrtDenoiser, use_onnxruntime
 from export.segments import MODEL_INPUTS, run_pieces, segments_from_schedule, split
@@ -189,6 +189,26 @@ def test_check_names_a_planted_float64_and_an_unsupported_op():
     problems = check_model(model, "g.onnx")
     assert any("planted_op (STFT)" in p and "not supported" in p for p in problems)
 
+
+def test_export_check_command_fails_naming_a_planted_node(exported, tmp_path, capsys):
+    import json
+    import shutil
+
+    from runtime.cli import main
+
+    folder = tmp_path / "planted"
+    shutil.copytree(exported[2], folder)
+    main(["export", "--check", str(folder)])
+    assert "every graph passes" in capsys.readouterr().out
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = manifest["pieces"][0]["full"]["files"]["1"]
+    (folder / entry["file"]).write_bytes(planted_graph("Identity").SerializeToString())
+    entry["sha256"] = sha256((folder / entry["file"]).read_bytes())
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--check", str(folder)])
+    assert exit_info.value.code == 1
+    assert "planted_cast" in capsys.readouterr().out
 
 # -- GPU backends: these run only where CUDA (and, for TensorRT, the `tensorrt` package) exist ---------------
 
