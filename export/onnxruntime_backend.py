@@ -34,27 +34,39 @@ def providers() -> list[str]:
 
 
 class OrtDenoiser(ExportedDenoiser):
+    """Values between pieces stay ONNX Runtime values on the session's device (I/O binding): with the CUDA
+    provider nothing returns to the host until the model's output does."""
+
     def __init__(self, folder: str | Path, checkpoint_sha256: str | None = None, threads: int = 1):
         super().__init__(folder, checkpoint_sha256)
         import onnxruntime as ort
 
         options, chosen = session_options(threads), providers()
+        self.device = "cuda" if chosen[0] == "CUDAExecutionProvider" else "cpu"
         self.sessions = {(batch, k, form): ort.InferenceSession(str(path), options, providers=chosen)
                          for batch, k, form, path in self.graphs()}
 
-    def to_backend(self, tensor: torch.Tensor, batch: int) -> np.ndarray:
-        array = np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=np.float32)
-        if len(array) == batch:
-            return array
-        return np.concatenate([array, np.repeat(array[-1:], batch - len(array), axis=0)])
+    def to_backend(self, tensor: torch.Tensor, batch: int):
+        import onnxruntime as ort
 
-    def to_torch(self, value: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(value)
+        array = np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=np.float32)
+        if len(array) < batch:
+            array = np.concatenate([array, np.repeat(array[-1:], batch - len(array), axis=0)])
+        return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+
+    def to_torch(self, value) -> torch.Tensor:
+        return torch.from_numpy(value.numpy())
 
     def run(self, batch: int, k: int, form: str, values: dict) -> None:
         part = self.pieces[k][form]
-        outputs = self.sessions[batch, k, form].run(part["outputs"], {name: values[name] for name in part["inputs"]})
-        values.update(zip(part["outputs"], outputs))
+        session = self.sessions[batch, k, form]
+        binding = session.io_binding()
+        for name in part["inputs"]:
+            binding.bind_ortvalue_input(name, values[name])
+        for name in part["outputs"]:
+            binding.bind_output(name, self.device)
+        session.run_with_iobinding(binding)
+        values.update(zip(part["outputs"], binding.get_outputs()))
 
 
 def use_onnxruntime(policy, folder: str | Path, checkpoint_sha256: str | None = None, threads: int = 1):

@@ -263,3 +263,18 @@ def test_tensorrt_matches_torch_and_rebuilds_a_corrupted_engine(exported, tmp_pa
     for engine in tmp_path.glob("*.engine"):
         engine.write_bytes(b"not an engine")
     assert relative_error(TrtDenoiser(folder, cache_dir=tmp_path)(x, t, cond), reference) <= 1e-4
+
+
+def test_a_cached_export_that_went_bad_is_rebuilt(exported, tmp_path, monkeypatch):
+    from export.backends import ensure_onnx_export
+
+    checkpoint, _, _ = exported
+    monkeypatch.setenv("RTDIFF_CACHE", str(tmp_path))
+    folder = ensure_onnx_export(str(checkpoint), None, (1,))
+    graph = next(folder.rglob("*.onnx"))
+    good = graph.read_bytes()
+    graph.write_bytes(b"garbage")
+    assert ensure_onnx_export(str(checkpoint), None, (1,)) == folder
+    assert graph.read_bytes() == good  # the export is deterministic: the rebuilt graph is the original
+    assert not list(tmp_path.rglob("*.tmp-*"))  # no staging folder left behind
+    OrtDenoiser(folder)
