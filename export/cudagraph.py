@@ -11,7 +11,9 @@ graph's memory pool. Each replay then runs every kernel of every step with
 no Python and no launch overhead in between.
 
 What cannot be captured is refused by name: SADA (its decisions depend on
-the data) and DDPM (it draws noise from the caller's CPU generator).
+the data) and DDPM (it draws noise from the caller's CPU generator). Not
+implemented yet: one graph per step and compute pattern, which SADA's
+data-dependent skipping would need.
 """
 
 from __future__ import annotations
