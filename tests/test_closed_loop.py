@@ -35,3 +35,12 @@ def test_bundled_lift_policy_reaches_90_percent_of_the_expert():
     expert = summarize(run_expert(range(EVAL_SEED, EVAL_SEED + EPISODES), workers=2))["success_rate"]
     report = evaluate("lift-unet", EPISODES, EVAL_SEED, "ddim", 10, workers=2, task="lift")
     assert report["success_rate"] >= 0.9 * expert, (report["success_rate"], expert)
+
+
+@pytest.mark.slow
+def test_onnxruntime_backend_scores_as_torch_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("RTDIFF_CACHE", str(tmp_path))  # a fresh export, made by the evaluation itself
+    torch_report = evaluate("pusht-unet", EPISODES, EVAL_SEED, "ddim", 10, workers=2)
+    ort_report = evaluate("pusht-unet", EPISODES, EVAL_SEED, "ddim", 10, workers=2, backend="onnxruntime")
+    assert abs(ort_report["score_mean"] - torch_report["score_mean"]) <= 0.02, (ort_report["score_mean"],
+                                                                                 torch_report["score_mean"])
