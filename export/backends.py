@@ -13,8 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-from export.onnx_export import export_onnx, sha256
 from export.exported import ExportError
+from export.onnx_export import export_onnx, sha256
 from export.onnxruntime_backend import use_onnxruntime
 from policies.accelerate import schedule_path_for
 from policies.checkpoint import checkpoint_hash

@@ -20,6 +20,7 @@ output is named after its node both where `full` returns it and where
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,7 @@ def segments_from_schedule(block_names: list[str], schedule: dict | None) -> lis
         raise ValueError(f"schedule names blocks {sorted(set(updates) ^ set(block_names))[:4]} that the model "
                          "does not have (or lacks ones it has)")
     segments = [[block_names[0]]]
-    for previous, name in zip(block_names, block_names[1:]):
+    for previous, name in itertools.pairwise(block_names):
         if sorted(updates[name]) == sorted(updates[previous]):
             segments[-1].append(name)
         else:

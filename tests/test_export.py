@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from export.check import check_export, check_model
-from export.onnx_export import export_onnx, sha256
 from export.exported import ExportError
+from export.onnx_export import export_onnx, sha256
 from export.onnxruntime_backend import OrtDenoiser, use_onnxruntime
 from export.segments import MODEL_INPUTS, run_pieces, segments_from_schedule, split
 from policies.checkpoint import checkpoint_hash, load_policy, save_policy
@@ -132,7 +132,7 @@ def test_a_schedule_that_splits_an_exported_segment_is_refused(exported, tmp_pat
 
 
 def test_a_corrupted_graph_is_refused_before_any_session(exported, tmp_path):
-    checkpoint, _, folder = exported
+    folder = exported[2]
     copy = tmp_path / "copy"
     copy.mkdir()
     for path in folder.rglob("*"):
