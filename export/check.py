@@ -5,9 +5,12 @@ TensorRT 10's ONNX parser supports; nothing is float64; no control flow and no
 op whose output shape depends on the data; no int64 constant that TensorRT's
 cast to int32 would truncate. Each problem names the graph and the node.
 
-Not checked yet: fp16 overflow on calibration inputs (there is no fp16 export
-yet), and per-op restrictions beyond the op's name (e.g. Slice's `axes` being
-an initializer): a TensorRT build on a GPU machine is the final word.
+For an fp16 export, the graphs also run (ONNX Runtime, CPU) on the recorded
+calibration inputs with every fp16 value exposed, and any value that is not
+finite is reported with the node that made it.
+
+Not checked: per-op restrictions beyond the op's name (e.g. Slice's `axes`
+being an initializer): a TensorRT build on a GPU machine is the final word.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from export.exported import load_manifest
+from export.onnxruntime_backend import session_options
 
 OPSETS = range(9, 21)  # TensorRT 10.0 parses opsets 9 to 20
 # Ops the ONNX-TensorRT parser of TensorRT 10.0 supports (onnx-tensorrt docs/operators.md, release 10.0).
@@ -106,4 +110,48 @@ def check_export(folder: str | Path) -> list[str]:
         for form in ("full", "cached"):
             for entry in piece[form]["files"].values():
                 problems += check_model(onnx.load(str(folder / entry["file"])), entry["file"])
+    if manifest["precision"] == "fp16":
+        problems += fp16_overflow(folder, manifest)
     return problems
+
+
+def fp16_overflow(folder: Path, manifest: dict) -> list[str]:
+    """Run the full form of every piece along the calibration trajectories with every value exposed; name
+    each graph's first node that makes a non-finite fp16 value out of finite inputs (a -inf attention mask
+    is an input, not an overflow)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, numpy_helper
+    from safetensors.numpy import load_file
+
+    calibration = load_file(str(folder / manifest["calibration"]["file"]))
+    batch = str(manifest["calibration"]["batch"])
+    runners = []
+    for piece in manifest["pieces"]:
+        entry = piece["full"]["files"][batch]
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(folder / entry["file"])))
+        graph = model.graph
+        types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
+        exposed = [v for v in graph.value_info if v.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16)]
+        graph.output.extend(exposed)
+        constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        nodes = [(node.name, list(node.input), [o for o in node.output if types.get(o) == TensorProto.FLOAT16])
+                 for node in graph.node]
+        session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+        runners.append((entry["file"], piece["full"], session, [v.name for v in exposed], constants, nodes))
+    problems = {}
+    for step in range(len(calibration["x"])):
+        values = {"x": calibration["x"][step], "t": calibration["t"][step], "cond": calibration["cond"]}
+        for label, part, session, names, constants, nodes in runners:
+            wanted = part["outputs"] + names
+            outputs = dict(zip(wanted, session.run(wanted, {name: values[name] for name in part["inputs"]})))
+            known = {**constants, **values, **outputs}
+            for node, inputs, fp16_outputs in nodes:
+                if label in problems:
+                    break
+                finite_in = all(np.isfinite(known[i]).all() for i in inputs if i in known and known[i].dtype.kind == "f")
+                bad = [o for o in fp16_outputs if not np.isfinite(known[o]).all()]
+                if bad and finite_in:
+                    problems[label] = f"{label}: node {node}: fp16 value {bad[0]} overflows at calibration step {step}"
+            values.update({name: outputs[name] for name in part["outputs"]})
+    return list(problems.values())

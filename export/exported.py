@@ -49,6 +49,11 @@ def load_manifest(folder: str | Path, checkpoint_sha256: str | None = None) -> d
                     raise ExportError(f"{path} is missing (piece {k}, {form}, batch {batch})")
                 if sha256(path.read_bytes()) != entry["sha256"]:
                     raise ExportError(f"{path} does not match its hash in the manifest: corrupted or replaced")
+    calibration = manifest.get("calibration")
+    if calibration is not None:
+        path = folder / calibration["file"]
+        if not path.is_file() or sha256(path.read_bytes()) != calibration["sha256"]:
+            raise ExportError(f"{path} is missing or does not match its hash in the manifest")
     return manifest
 
 

@@ -8,11 +8,13 @@ Layout of the output folder:
     b1/piece00_full.onnx       piece 0 computing its blocks, batch 1
     b1/piece00_cached.onnx     piece 0 with its blocks' outputs given (absent when nothing is left to run)
     ...
+    calibration.safetensors    fp16 only: model inputs along real trajectories, for the overflow check
 
 Shapes are static per exported batch size (TensorRT builds for fixed shapes;
 CUDA graphs need them). The diffusion step goes in as float32, so no int64
 tensor reaches a graph, and the sinusoidal embedding is exported as real
-Sin/Cos nodes.
+Sin/Cos nodes. fp16 graphs compute in half precision behind fp32 inputs and
+outputs (export/fp16.py).
 """
 
 from __future__ import annotations
@@ -24,23 +26,28 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from export.fp16 import half_precision
 from export.segments import Part, segments_from_schedule, split
 from policies.checkpoint import checkpoint_hash, load_policy
 from runtime.accel.bac import load_schedule
+from runtime.sampling import sample
 
 FORMAT = "rtdiff-export/1"
 MANIFEST = "manifest.json"
 FORMS = ("full", "cached")
 DEFAULT_OPSET = 17
+PRECISIONS = ("fp32", "fp16")
+CALIBRATION = "calibration.safetensors"
 
 
 def export_onnx(checkpoint: str, out: str | Path, schedule_path: str | Path | None = None,
                 batch_sizes: tuple[int, ...] = (1,), precision: str = "fp32", opset: int = DEFAULT_OPSET) -> dict:
     """Write the graphs and the manifest; returns the manifest."""
-    if precision != "fp32":
-        raise NotImplementedError(f"precision {precision!r}: only fp32 export is implemented so far")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if opset < 17:
         raise ValueError(f"opset {opset}: rtdiff exports opset 17 or newer")
     out = Path(out)
@@ -79,11 +86,13 @@ def export_onnx(checkpoint: str, out: str | Path, schedule_path: str | Path | No
             examples[batch] = _example_values(pieces, policy, batch)
             manifest["values"][str(batch)] = {name: list(v.shape) for name, v in examples[batch].items()}
         part = getattr(pieces[k], form)
-        data = _onnx_bytes(part, examples[batch], opset)
+        data = _onnx_bytes(part, examples[batch], opset, precision)
         relative = f"b{batch}/piece{k:02d}_{form}.onnx"
         (out / relative).parent.mkdir(parents=True, exist_ok=True)
         (out / relative).write_bytes(data)
         manifest["pieces"][k][form]["files"][str(batch)] = {"file": relative, "sha256": sha256(data)}
+    if precision == "fp16":  # what `rtdiff export --check` runs the graphs on, looking for overflow
+        manifest["calibration"] = _write_calibration(policy, schedule, min(batch_sizes), out / CALIBRATION)
     # The manifest goes last: a folder without one (an interrupted export) is never loaded.
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
@@ -105,13 +114,44 @@ def _example_values(pieces, policy, batch: int) -> dict[str, torch.Tensor]:
     return values
 
 
-def _onnx_bytes(part: Part, values: dict[str, torch.Tensor], opset: int) -> bytes:
+@torch.no_grad()
+def _write_calibration(policy, schedule: dict | None, batch: int, path: Path) -> dict:
+    """The model inputs (x_t, t, cond) at every step of real trajectories: demonstration observations,
+    the schedule's solver (DDIM 10 without one). Returns the manifest's record of it."""
+    from policies.accelerate import calibration_observations
+    from sims.tasks import TASKS
+
+    solver_name = (schedule or {}).get("solver", "ddim")
+    steps = (schedule or {}).get("steps", 10)
+    solver = policy.make_solver(solver_name, steps)
+    task = TASKS.get(policy.config.task)
+    if task is not None and task.demos.is_file():
+        observations, source = calibration_observations(task.demos, policy, batch, seed=0), "demonstrations"
+    else:
+        observations, source = torch.rand(batch, policy.config.n_obs_steps, policy.config.obs_dim) * 2 - 1, "random"
+    cond = policy.obs_normalizer.normalize(observations) if source == "demonstrations" else observations
+    recorded = {"x": [], "t": []}
+
+    def recording(x, t, c):
+        recorded["x"].append(x.clone())
+        recorded["t"].append(t.to(torch.float32))
+        return policy.denoiser(x, t, c)
+
+    sample(recording, solver, policy.initial_noise(batch, torch.Generator().manual_seed(0)), cond)
+    tensors = {"x": torch.stack(recorded["x"]), "t": torch.stack(recorded["t"]), "cond": cond.contiguous()}
+    save_file(tensors, str(path))
+    return {"file": CALIBRATION, "sha256": sha256(path.read_bytes()), "source": source, "solver": solver_name,
+            "steps": steps, "batch": batch}
+
+
+def _onnx_bytes(part: Part, values: dict[str, torch.Tensor], opset: int, precision: str) -> bytes:
+    module = half_precision(part.module) if precision == "fp16" else part.module
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of torch.export; its graphs for these small
         # models are exact and need no onnxscript at run time.
         warnings.simplefilter("ignore")
-        torch.onnx.export(part.module, tuple(values[name] for name in part.inputs), buffer, dynamo=False,
+        torch.onnx.export(module, tuple(values[name] for name in part.inputs), buffer, dynamo=False,
                           input_names=part.inputs, output_names=part.outputs, opset_version=opset,
                           do_constant_folding=True)
     return buffer.getvalue()

@@ -210,6 +210,43 @@ def test_export_check_command_fails_naming_a_planted_node(exported, tmp_path, ca
     assert exit_info.value.code == 1
     assert "planted_cast" in capsys.readouterr().out
 
+@pytest.fixture(scope="module")
+def exported_fp16(exported, tmp_path_factory):
+    checkpoint, schedule, _ = exported
+    folder = tmp_path_factory.mktemp("fp16")
+    save_schedule(schedule, folder / "schedule.json")
+    export_onnx(str(checkpoint), folder / "onnx", folder / "schedule.json", batch_sizes=(1, 3), precision="fp16")
+    return checkpoint, schedule, folder / "onnx"
+
+
+def test_fp16_export_stays_within_1e_2_of_torch_and_passes_the_check(exported_fp16):
+    checkpoint, schedule, folder = exported_fp16
+    reference_policy = load_policy(checkpoint)
+    policy = use_onnxruntime(load_policy(checkpoint), folder)
+    x, t, cond = inputs(reference_policy, 3)
+    with torch.no_grad():
+        assert relative_error(policy.denoiser(x, t, cond), reference_policy.denoiser(x, t, cond)) <= 1e-2
+    solver = policy.make_solver("ddim", STEPS)
+    obs = torch.rand(3, policy.config.n_obs_steps, policy.config.obs_dim, generator=torch.Generator().manual_seed(2))
+    reference = reference_policy.predict_chunk(obs, solver, torch.Generator().manual_seed(3),
+                                               BACache(schedule, "ddim", STEPS))
+    got = policy.predict_chunk(obs, solver, torch.Generator().manual_seed(3), BACache(schedule, "ddim", STEPS))
+    assert 0 < relative_error(got, reference) <= 1e-2  # not zero: the graphs really compute in fp16
+    assert check_export(folder) == []
+
+
+def test_check_names_the_node_where_fp16_overflows(tmp_path):
+    policy = make_tiny_policy("unet")
+    with torch.no_grad():  # finite fp16 weights (below 65504) whose product no fp16 value can hold
+        for layer in (1, 3):
+            weight = policy.denoiser.diffusion_step_encoder[layer].weight
+            weight.copy_(weight.sign() * 3000)
+    checkpoint = save_policy(policy, tmp_path / "policy")
+    export_onnx(str(checkpoint), tmp_path / "onnx", precision="fp16")
+    problems = check_export(tmp_path / "onnx")
+    assert problems and all("overflows" in p for p in problems)
+    assert "diffusion_step_encoder" in problems[0]
+
 # -- GPU backends: these run only where CUDA (and, for TensorRT, the `tensorrt` package) exist ---------------
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
