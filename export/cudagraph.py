@@ -1,4 +1,4 @@
-"""CUDA-graph backend for the torch path: a whole sampling trajectory captured once and replayed.
+"""CUDA-graph backend for the torch path: a whole trajectory captured once, or one graph per model call.
 
 NOT RUN YET: written on machines without a GPU; its test skips unless CUDA is
 available.
@@ -10,10 +10,11 @@ and the cached block outputs it hands from step to step live inside the same
 graph's memory pool. Each replay then runs every kernel of every step with
 no Python and no launch overhead in between.
 
-What cannot be captured is refused by name: SADA (its decisions depend on
-the data) and DDPM (it draws noise from the caller's CPU generator). Not
-implemented yet: one graph per step and compute pattern, which SADA's
-data-dependent skipping would need.
+Where the steps are decided at run time (SADA skipping steps from the
+solver's history), the loop stays in Python and each model call replays a
+graph captured per input shape instead. What cannot be captured is refused by
+name: token-wise SADA (cached blocks served by data-dependent decisions) and
+DDPM (it draws noise from the caller's CPU generator).
 """
 
 from __future__ import annotations
@@ -31,15 +32,15 @@ class GraphedSampler:
     def __init__(self, warmup: int = 2):
         self.warmup = warmup
         self.graphs: dict[tuple, tuple] = {}
+        self.per_step: dict[int, GraphedCall] = {}
 
     def __call__(self, denoiser, solver, noise, cond, generator=None, accelerator=None) -> torch.Tensor:
         if noise.device.type != "cuda":
             raise ValueError("the cudagraph backend runs on CUDA tensors; move the policy to the GPU")
-        name = getattr(accelerator, "name", "none")
-        if name not in STATIC_ACCELERATORS:
-            raise ValueError(f"accelerator {name!r} decides from the data; only {STATIC_ACCELERATORS} can be captured")
         if solver.name == "ddpm":
             raise ValueError("DDPM draws fresh noise from a CPU generator at every step; capture ddim or dpmpp")
+        if getattr(accelerator, "name", "none") not in STATIC_ACCELERATORS:
+            return self._per_step(denoiser, solver, noise, cond, accelerator)
         key = (noise.shape, cond.shape, id(solver), id(accelerator))
         if key not in self.graphs:
             self.graphs[key] = self._capture(denoiser, solver, noise, cond, accelerator)
@@ -49,6 +50,15 @@ class GraphedSampler:
         graph.replay()
         _add_counts(accelerator, counts)  # the replay did what the captured trajectory did; count it so
         return static_out.clone()
+
+    def _per_step(self, denoiser, solver, noise, cond, accelerator) -> torch.Tensor:
+        """Steps decided at run time (SADA): the loop runs in Python, each model call replays a graph."""
+        if accelerator.hooks is not None:
+            raise ValueError(f"accelerator {accelerator.name!r} serves cached blocks from data-dependent decisions "
+                             "(token-wise SADA); that cannot be captured")
+        if id(denoiser) not in self.per_step:
+            self.per_step[id(denoiser)] = GraphedCall(denoiser, self.warmup)
+        return sample(self.per_step[id(denoiser)], solver, noise, cond, None, accelerator)
 
     def _capture(self, denoiser, solver, noise, cond, accelerator):
         static_noise, static_cond = noise.clone(), cond.clone()
@@ -65,6 +75,34 @@ class GraphedSampler:
         counts = {key: value - before[key] for key, value in _counts(accelerator).items()}
         _add_counts(accelerator, {key: -value for key, value in counts.items()})  # capture ran nothing
         return graph, static_noise, static_cond, static_out, counts
+
+
+class GraphedCall:
+    """One denoiser call captured per input shape, replayed with the inputs copied into its static buffers."""
+
+    def __init__(self, denoiser, warmup: int):
+        self.denoiser, self.warmup = denoiser, warmup
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        key = (x.shape, t.shape, cond.shape)
+        if key not in self.graphs:
+            static = (x.clone(), t.clone(), cond.clone())
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.denoiser(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.denoiser(*static)
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        for buffer, value in zip(static, (x, t, cond)):
+            buffer.copy_(value)
+        graph.replay()
+        return out.clone()
 
 
 def _counts(accelerator) -> dict:

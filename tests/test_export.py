@@ -315,3 +315,20 @@ def test_a_cached_export_that_went_bad_is_rebuilt(exported, tmp_path, monkeypatc
     assert graph.read_bytes() == good  # the export is deterministic: the rebuilt graph is the original
     assert not list(tmp_path.rglob("*.tmp-*"))  # no staging folder left behind
     OrtDenoiser(folder)
+
+
+@needs_cuda
+def test_cudagraph_per_call_graphs_follow_sada_on_the_gpu(tmp_path):
+    from export.cudagraph import use_cudagraph
+    from runtime.accel import make_accelerator
+
+    checkpoint = save_policy(make_tiny_policy("unet"), tmp_path / "policy")  # no token-wise blocks: SADA skips steps
+    eager = load_policy(checkpoint).to("cuda")
+    graphed = use_cudagraph(load_policy(checkpoint))
+    solver = eager.make_solver("ddim", STEPS)
+    obs = torch.rand(2, eager.config.n_obs_steps, eager.config.obs_dim, generator=torch.Generator().manual_seed(2))
+    eager_accel, graphed_accel = make_accelerator("sada"), make_accelerator("sada")
+    reference = eager.predict_chunk(obs, solver, torch.Generator().manual_seed(3), eager_accel)
+    got = graphed.predict_chunk(obs, solver, torch.Generator().manual_seed(3), graphed_accel)
+    assert relative_error(got, reference) <= 1e-4
+    assert graphed_accel.stats() == eager_accel.stats()
