@@ -11,8 +11,11 @@ torch (ratio of medians, same run) and the parity of the action chunks (max
 relative error). Both backends use one thread, the way a 2-core machine runs
 one policy per core.
 
-GPU backends (CUDA graphs, torch.compile, TensorRT) are not measured here:
-this machine has no GPU.
+Where CUDA is available, the same chunk on the GPU: torch eager against a
+captured CUDA graph (export/cudagraph.py; DDIM only, DDPM cannot be captured)
+and torch.compile, rows with device "cuda" and the GPU's name. TensorRT is not
+in this benchmark yet. (Not run so far: the machines of this project had no
+GPU.)
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def bac_schedule(checkpoint: str, solver: str, steps: int, budget: int, path: Pa
     return schedule
 
 
-def timed_pair(runners: list, observations: torch.Tensor, repeats: int) -> tuple[list[list[float]], list]:
+def timed_interleaved(runners: list, observations: torch.Tensor, repeats: int) -> tuple[list[list[float]], list]:
     """Milliseconds per chunk for each runner, interleaved; and each runner's first chunk (noise seed 0)."""
     times, first = [[] for _ in runners], [None] * len(runners)
     for r in range(repeats):
@@ -79,7 +82,7 @@ def measure(checkpoint: str, solver_name: str, steps: int, budget: int, batch_si
         torch_accel, ort_accel = make_accelerator(accel, **options), make_accelerator(accel, **options)
         for batch in batch_sizes:
             observations = calibration_observations(DEMOS_PATH, torch_policy, batch, seed=1)
-            times, chunks = timed_pair([(torch_policy, solver, torch_accel), (ort_policy, solver, ort_accel)],
+            times, chunks = timed_interleaved([(torch_policy, solver, torch_accel), (ort_policy, solver, ort_accel)],
                                        observations, repeats)
             parity = float((chunks[1] - chunks[0]).abs().max() / chunks[0].abs().max())
             torch_p50 = float(np.median(times[0]))
@@ -94,6 +97,39 @@ def measure(checkpoint: str, solver_name: str, steps: int, budget: int, batch_si
                 print(f"  {checkpoint:<18} {solver_name}{steps:<4} {accel:<5} b{batch:<3} {backend:<12} "
                       f"p50 {p50:8.2f} ms  x{torch_p50 / p50:5.2f}  rel err {rows[-1]['max_rel_error_vs_torch']:.1e}",
                       flush=True)
+    return rows
+
+
+def measure_gpu(checkpoint: str, solver_name: str, steps: int, budget: int, batch_sizes: tuple[int, ...],
+                repeats: int, workdir: Path) -> list[dict]:
+    from export.cudagraph import use_cudagraph
+
+    schedule = bac_schedule(checkpoint, solver_name, steps, budget, workdir / "schedule.json")
+    device = torch.cuda.get_device_name()
+    rows = []
+    for accel in ("none", "bac"):
+        options = {"schedule": schedule, "solver": solver_name, "steps": steps} if accel == "bac" else {}
+        eager = load_policy(checkpoint).to("cuda")
+        compiled = load_policy(checkpoint).to("cuda")
+        compiled.denoiser.forward = torch.compile(compiled.denoiser.forward)
+        backends = {"torch": eager, "torch.compile": compiled}
+        if solver_name != "ddpm":
+            backends["cudagraph"] = use_cudagraph(load_policy(checkpoint))
+        solver = eager.make_solver(solver_name, steps)
+        runners = [(policy, solver, make_accelerator(accel, **options)) for policy in backends.values()]
+        for batch in batch_sizes:
+            observations = calibration_observations(DEMOS_PATH, eager, batch, seed=1)
+            timed_interleaved(runners, observations, 3)  # compile and capture happen here, untimed
+            times, chunks = timed_interleaved(runners, observations, repeats)
+            eager_p50 = float(np.median(times[0]))
+            for (backend, _), samples, chunk in zip(backends.items(), times, chunks):
+                p50 = float(np.median(samples))
+                rows.append({"policy": checkpoint, "backend": backend, "device": f"cuda ({device})",
+                             "solver": solver_name, "steps": steps, "accel": accel, "batch": batch, "p50_ms": p50,
+                             "p99_ms": float(np.percentile(samples, 99)), "speedup_vs_torch": eager_p50 / p50,
+                             "max_rel_error_vs_torch": float((chunk - chunks[0]).abs().max() / chunks[0].abs().max())})
+                print(f"  {checkpoint:<18} {solver_name}{steps:<4} {accel:<5} b{batch:<3} {backend:<13} cuda "
+                      f"p50 {p50:8.2f} ms  x{eager_p50 / p50:5.2f}", flush=True)
     return rows
 
 
@@ -115,10 +151,14 @@ def main() -> None:
         for solver_name, steps, budget in settings:
             with tempfile.TemporaryDirectory() as workdir:
                 rows += measure(checkpoint, solver_name, steps, budget, batch_sizes, args.repeats, Path(workdir))
+                if torch.cuda.is_available():
+                    rows += measure_gpu(checkpoint, solver_name, steps, budget, batch_sizes, args.repeats,
+                                        Path(workdir))
     result = {
         "machine": f"{platform.machine()} {platform.processor() or 'cpu'}, 1 thread per backend, torch {torch.__version__}, "
                    f"onnxruntime {onnxruntime.__version__}, python {sys.version.split()[0]}",
-        "quick": args.quick, "repeats": args.repeats, "gpu": None, "rows": rows,
+        "quick": args.quick, "repeats": args.repeats, "rows": rows,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
