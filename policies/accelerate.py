@@ -43,7 +43,7 @@ def record_calibration(policy, solver_name: str, steps: int, demos_path: str | P
     solver = policy.make_solver(solver_name, steps)
     obs = calibration_observations(demos_path, policy, observations, seed)
     generator = torch.Generator().manual_seed(seed)
-    return record_block_outputs(policy.denoiser, lambda: policy.predict_chunk(obs, solver, generator))
+    return record_block_outputs(lambda recorder: policy.predict_chunk(obs, solver, generator, recorder))
 
 
 def calibrate_bac(checkpoint: str, solver_name: str, steps: int, budget: int, demos_path: str | Path,

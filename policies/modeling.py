@@ -10,6 +10,7 @@ from policies.normalizer import MinMaxNormalizer
 from policies.transformer import TransformerDenoiser
 from policies.unet import ConditionalUnet1d
 from runtime.accel.base import Accelerator
+from runtime.accel.hooks import carries_hooks
 from runtime.sampling import sample, trajectory
 from runtime.solvers import Solver, make_solver
 
@@ -46,10 +47,15 @@ class DiffusionPolicy(nn.Module):
         cond = self.obs_normalizer.normalize(obs.to(device, torch.float32))
         if noise is None:
             noise = self.initial_noise(obs.shape[0], generator)
-        if accelerator is not None:
-            accelerator.bind(self.denoiser)
+        self._bind(accelerator)
         actions = self.sampler(self.denoiser, solver, noise.to(device), cond, generator, accelerator)
         return self.action_normalizer.unnormalize(actions).to(obs.device)
+
+    def _bind(self, accelerator: Accelerator | None) -> None:
+        if accelerator is not None:
+            accelerator.bind(self.denoiser)
+        elif carries_hooks(self.denoiser):  # its blocks would follow the last plan of an absent accelerator
+            raise RuntimeError("this policy carries an accelerator's hooks: pass that accelerator, or unbind() it")
 
     def initial_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn((batch, self.config.horizon, self.config.action_dim), generator=generator, dtype=torch.float32)
@@ -72,8 +78,7 @@ class DiffusionPolicy(nn.Module):
         step, and at the last step the final sample (what `predict_actions` returns)."""
         self.check_observations(obs)
         cond = self.obs_normalizer.normalize(obs.to(torch.float32))
-        if accelerator is not None:
-            accelerator.bind(self.denoiser)
+        self._bind(accelerator)
         last = len(solver.timesteps) - 1
         for step in trajectory(self.denoiser, solver, noise, cond, generator, accelerator):
             estimate = step.x if step.i == last else step.x0

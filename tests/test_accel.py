@@ -64,3 +64,12 @@ def test_a_block_cannot_be_served_before_it_was_computed(policy):
 def test_unknown_accelerator_is_named():
     with pytest.raises(ValueError, match="unknown accelerator 'warp'"):
         make_accelerator("warp")
+
+
+def test_a_hooked_model_refuses_to_run_without_its_accelerator(policy):
+    accelerator = UniformCache(interval=2)
+    chunk(policy, accelerator)
+    with pytest.raises(RuntimeError, match="carries an accelerator's hooks"):
+        chunk(policy)  # its blocks would replay the last plan of an accelerator that is not there
+    accelerator.unbind()
+    chunk(policy)

@@ -52,7 +52,7 @@ def tiny_policy(make_tiny):
 def test_recording_captures_every_block_at_every_step(tiny_policy):
     obs = torch.randn(3, 2, 5)
     solver = tiny_policy.make_solver("ddim", 7)
-    outputs = record_block_outputs(tiny_policy.denoiser, lambda: tiny_policy.predict_chunk(obs, solver))
+    outputs = record_block_outputs(lambda recorder: tiny_policy.predict_chunk(obs, solver, None, recorder))
     assert list(outputs) == [name for name, _ in tiny_policy.denoiser.cache_blocks()]
     assert all(value.shape[:2] == (7, 3) for value in outputs.values())
     assert all("forward" not in m.__dict__ for _, m in tiny_policy.denoiser.cache_blocks())  # hooks removed

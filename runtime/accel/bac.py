@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from runtime.accel.base import Accelerator
-from runtime.accel.hooks import CacheHooks
 
 FORMAT = "rtdiff-bac-schedule/1"
 
@@ -31,17 +30,28 @@ def schedule_filename(solver: str, steps: int) -> str:
     return f"bac-{solver}-{steps}.json"
 
 
+class Recorder(Accelerator):
+    """Computes every block at every step and keeps each output: what calibration records."""
+
+    name = "record"
+    uses_block_cache = True
+
+    def bind(self, denoiser) -> Recorder:
+        super().bind(denoiser)
+        if self.hooks.cache.recorder is None:
+            self.hooks.cache.recorder = {}
+        return self
+
+
 @torch.no_grad()
-def record_block_outputs(denoiser, run_trajectory) -> dict[str, torch.Tensor]:
-    """{block: (steps, batch, ...)}: each block's output at every step of `run_trajectory()`, all blocks computed."""
-    hooks = CacheHooks(denoiser).attach()
+def record_block_outputs(run_trajectory) -> dict[str, torch.Tensor]:
+    """{block: (steps, batch, ...)}: each block's output at every step of `run_trajectory(accelerator)`."""
+    recorder = Recorder()
     try:
-        hooks.cache.compute = set(hooks.cache.names)
-        hooks.cache.recorder = {}
-        run_trajectory()
-        return {name: torch.stack(outputs) for name, outputs in hooks.cache.recorder.items()}
+        run_trajectory(recorder)
+        return {name: torch.stack(outputs) for name, outputs in recorder.hooks.cache.recorder.items()}
     finally:
-        hooks.detach()
+        recorder.unbind()
 
 
 def similarity_matrix(outputs: torch.Tensor) -> np.ndarray:

@@ -103,3 +103,8 @@ class CacheHooks:
             return output
 
         return cached_forward
+
+
+def carries_hooks(denoiser: nn.Module) -> bool:
+    """Whether an accelerator's hooks are attached to this model's blocks."""
+    return hasattr(denoiser, "cache_blocks") and any("forward" in m.__dict__ for _, m in denoiser.cache_blocks())
