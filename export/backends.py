@@ -13,11 +13,12 @@ import os
 import shutil
 from pathlib import Path
 
-from export.exported import ExportError
+from export.exported import ExportError, load_manifest
 from export.onnx_export import export_onnx, sha256
 from export.onnxruntime_backend import use_onnxruntime
 from policies.accelerate import schedule_path_for
 from policies.checkpoint import checkpoint_hash
+from runtime.accel.bac import load_schedule
 
 log = logging.getLogger("rtdiff.export")
 
@@ -36,8 +37,6 @@ def export_folder(checkpoint: str, schedule: Path | None, batch_sizes: tuple[int
 
 def ensure_onnx_export(checkpoint: str, schedule: Path | None, batch_sizes: tuple[int, ...]) -> Path:
     """The folder of a usable export for these settings, exporting (again) when there is none."""
-    from export.exported import load_manifest
-
     folder = export_folder(checkpoint, schedule, batch_sizes)
     try:
         load_manifest(folder, checkpoint_hash(checkpoint))
@@ -65,6 +64,8 @@ def with_backend(policy, checkpoint: str, backend: str, solver: str, steps: int,
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     schedule = schedule_path_for(checkpoint, solver, steps) if accel in ("bac", "bac+sada") else None
+    if schedule is not None:
+        load_schedule(schedule)  # a missing or broken schedule is named here, before any export
     folder = ensure_onnx_export(checkpoint, schedule, batch_sizes)
     if backend == "onnxruntime":
         return use_onnxruntime(policy, folder, checkpoint_hash(checkpoint), threads)
