@@ -19,7 +19,7 @@ def expert_score():
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpoint", [
     "pusht-unet",
-    # Not met yet: 0.743 against a bar of 0.876 (benchmarks/RESULTS.md). Kept visible, not skipped.
+    # Not met yet: 0.842 against a bar of 0.876 (benchmarks/RESULTS.md). Kept visible, not skipped.
     pytest.param("pusht-transformer", marks=pytest.mark.xfail(reason="transformer below the bar", strict=False)),
 ])
 def test_bundled_policy_reaches_90_percent_of_the_expert(checkpoint, expert_score):
