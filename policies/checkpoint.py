@@ -71,6 +71,14 @@ def checkpoint_hash(name_or_path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def read_metadata(name_or_path: str | Path) -> dict[str, str]:
+    """The string metadata a checkpoint was saved with (training command, demonstrations, report)."""
+    from safetensors import safe_open
+
+    with safe_open(str(resolve(name_or_path) / WEIGHTS_FILE), "pt") as weights:
+        return weights.metadata() or {}
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -59,16 +59,23 @@ def training_target(prediction_type: str, x0, noise, a_t):
     return a_t.sqrt() * noise - (1 - a_t).sqrt() * x0  # v
 
 
-def train(demos: Demos, config: PolicyConfig, train_config: TrainConfig, progress: bool = True) -> tuple[DiffusionPolicy, dict]:
+def train(demos: Demos, config: PolicyConfig, train_config: TrainConfig, progress: bool = True,
+          init: DiffusionPolicy | None = None) -> tuple[DiffusionPolicy, dict]:
+    """Train from scratch, or go on from `init` (its weights and normalisers; its config must be `config`)."""
     from tqdm import tqdm
 
     torch.manual_seed(train_config.seed)
     torch.set_num_threads(train_config.threads)
     generator = torch.Generator().manual_seed(train_config.seed)
     obs, actions = (torch.from_numpy(a) for a in windows(demos, config))
-    policy = DiffusionPolicy(config)
-    policy.obs_normalizer.fit(obs)
-    policy.action_normalizer.fit(actions)
+    if init is None:
+        policy = DiffusionPolicy(config)
+        policy.obs_normalizer.fit(obs)
+        policy.action_normalizer.fit(actions)
+    elif init.config != config:
+        raise ValueError(f"cannot go on from a checkpoint with another config: {init.config} is not {config}")
+    else:
+        policy = copy.deepcopy(init).requires_grad_(True)  # a trained policy may come frozen (an EMA copy)
     obs, actions = policy.obs_normalizer.normalize(obs), policy.action_normalizer.normalize(actions)
     ema = copy.deepcopy(policy).eval().requires_grad_(False)
 

@@ -65,7 +65,7 @@ ARCH_LR = {"unet": 1e-3, "transformer": 1e-3}
 
 
 def cmd_train(args) -> None:
-    from policies.checkpoint import save_policy
+    from policies.checkpoint import checkpoint_hash, load_policy, read_metadata, save_policy
     from policies.config import PolicyConfig
     from policies.train import TrainConfig, train
     from sims.demos import load_demos
@@ -81,11 +81,16 @@ def cmd_train(args) -> None:
     args.lr = args.lr or ARCH_LR[args.arch]
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                threads=args.threads)
-    policy, report = train(demos, config, train_config)
+    init, lineage = None, {}
+    if args.init:  # go on from a checkpoint; its own command is kept, so the chain can be replayed
+        init = load_policy(args.init)
+        lineage = {"init": str(args.init), "init_sha256": checkpoint_hash(args.init),
+                   "init_command": read_metadata(args.init).get("command", "")}
+    policy, report = train(demos, config, train_config, init=init)
     command = (f"rtdiff train {task.name} --arch {args.arch} --steps {args.steps} --batch-size {args.batch_size} "
-               f"--lr {args.lr} --seed {args.seed} --threads {args.threads}")
+               f"--lr {args.lr} --seed {args.seed} --threads {args.threads}" + (f" --init {args.init}" if init else ""))
     out = args.out or CHECKPOINTS / f"{task.name}-{args.arch}"
-    save_policy(policy, out, metadata={"command": command, "demos": demos.meta.get("command", ""), **report})
+    save_policy(policy, out, metadata={"command": command, **lineage, "demos": demos.meta.get("command", ""), **report})
     print(f"wrote {out}: {report}")
 
 
@@ -262,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it slightly)")
     train.add_argument("--demos", help="demonstration file (default: the bundled one for the task)")
     train.add_argument("--out", help="checkpoint folder (default: the bundled TASK-ARCH)")
+    train.add_argument("--init", help="go on from this checkpoint (name or folder) instead of starting afresh")
     train.set_defaults(run=cmd_train)
 
     def add_eval_options(sub, episodes: int) -> None:

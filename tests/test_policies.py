@@ -110,16 +110,33 @@ def test_training_windows_pad_like_diffusion_policy(make_tiny):
     assert not np.any((actions[:2] >= 100))  # windows never cross an episode boundary
 
 
-def test_training_reduces_the_denoising_loss(make_tiny):
+def wave_demos() -> Demos:
     rng = np.random.default_rng(0)
     t = np.linspace(0, 1, 40, dtype=np.float32)
     episodes = [(np.stack([np.cos(t * 3 + p)] * 5, 1), np.stack([np.sin(t * 3 + p)] * 2, 1)) for p in rng.uniform(0, 6, 6)]
-    demos = Demos(np.concatenate([o for o, _ in episodes]), np.concatenate([a for _, a in episodes]),
-                  np.cumsum([40] * 6), {})
-    config = make_tiny("unet").config
+    return Demos(np.concatenate([o for o, _ in episodes]), np.concatenate([a for _, a in episodes]),
+                 np.cumsum([40] * 6), {})
+
+
+def test_training_reduces_the_denoising_loss(make_tiny):
+    demos, config = wave_demos(), make_tiny("unet").config
     _, short = train(demos, config, TrainConfig(steps=5, batch_size=64, warmup_steps=1, threads=1), progress=False)
     _, longer = train(demos, config, TrainConfig(steps=200, batch_size=64, warmup_steps=10, threads=1), progress=False)
     assert longer["final_loss"] < 0.75 * short["final_loss"]  # an untrained epsilon model sits near 1.0
+
+
+def test_training_goes_on_from_a_checkpoint_and_leaves_it_untouched(make_tiny):
+    demos, config = wave_demos(), make_tiny("unet").config
+    short = TrainConfig(steps=5, batch_size=64, warmup_steps=1, threads=1)
+    trained, _ = train(demos, config, TrainConfig(steps=200, batch_size=64, warmup_steps=10, threads=1), progress=False)
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    _, afresh = train(demos, config, short, progress=False)
+    _, resumed = train(demos, config, short, progress=False, init=trained)
+    assert resumed["final_loss"] < 0.75 * afresh["final_loss"]
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())
+    other = make_tiny("transformer").config
+    with pytest.raises(ValueError, match="another config"):
+        train(demos, other, short, progress=False, init=trained)
 
 
 def test_adaln_transformer_starts_as_zero_and_plain_one_keeps_diffusion_policy_layout():
