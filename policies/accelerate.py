@@ -10,7 +10,9 @@ import torch
 from policies.checkpoint import checkpoint_hash, load_policy, resolve
 from runtime.accel import make_accelerator
 from runtime.accel.bac import (
+    FORMAT,
     calibrate,
+    calibrate_to_fraction,
     load_schedule,
     plot_schedule,
     record_block_outputs,
@@ -46,16 +48,52 @@ def record_calibration(policy, solver_name: str, steps: int, demos_path: str | P
     return record_block_outputs(lambda recorder: policy.predict_chunk(obs, solver, generator, recorder))
 
 
-def calibrate_bac(checkpoint: str, solver_name: str, steps: int, budget: int, demos_path: str | Path,
-                  observations: int = 32, seed: int = 0, bubble: int = 5, out: str | Path | None = None) -> tuple[dict, Path]:
+def bac_output_error(policy, solver_name: str, steps: int, demos_path: str | Path, observations: int = 32,
+                     seed: int = 0):
+    """`error(blocks)`: mean squared error of the action chunk (normalised) that a BAC schedule with these block
+    updates yields on the calibration observations, against the full model's from the same noise."""
+    solver = policy.make_solver(solver_name, steps)
+    obs = calibration_observations(demos_path, policy, observations, seed)
+
+    def chunk(accelerator=None) -> torch.Tensor:
+        actions = policy.predict_chunk(obs, solver, torch.Generator().manual_seed(seed), accelerator)
+        return policy.action_normalizer.normalize(actions)
+
+    reference = chunk()
+
+    def error(blocks: dict) -> float:
+        schedule = {"format": FORMAT, "steps": steps, "solver": solver_name, "blocks": blocks}
+        accelerator = make_accelerator("bac", schedule=schedule, solver=solver_name, steps=steps)
+        try:
+            return float(((chunk(accelerator) - reference) ** 2).mean())
+        finally:
+            accelerator.unbind()
+
+    return error
+
+
+def calibrate_bac(checkpoint: str, solver_name: str, steps: int, budget: int | None, demos_path: str | Path,
+                  observations: int = 32, seed: int = 0, bubble: int = 5, out: str | Path | None = None,
+                  fraction: float | None = None) -> tuple[dict, Path]:
+    """A BAC schedule: `budget` updates per block and the paper's union of `bubble` blocks, or, with `fraction`,
+    at most that fraction of block evaluations with the budget and union size that leave the least action error."""
+    if (budget is None) == (fraction is None):
+        raise ValueError("give a BAC budget (updates per block) or a fraction of block evaluations, not both")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"fraction of block evaluations must be in (0, 1], got {fraction}")
     policy = load_policy(checkpoint)
     outputs = record_calibration(policy, solver_name, steps, demos_path, observations, seed)
-    schedule = calibrate(outputs, budget, feed_forward_blocks(policy.denoiser), bubble)
+    if fraction is None:
+        schedule = calibrate(outputs, budget, feed_forward_blocks(policy.denoiser), bubble)
+    else:
+        error = bac_output_error(policy, solver_name, steps, demos_path, observations, seed)
+        schedule = calibrate_to_fraction(outputs, fraction, feed_forward_blocks(policy.denoiser), error)
     schedule.update(
         solver=solver_name,
         checkpoint=str(checkpoint),
         checkpoint_sha256=checkpoint_hash(checkpoint),
-        calibration={"observations": next(iter(outputs.values())).shape[1], "seed": seed, "bubble_blocks": bubble,
+        calibration={"observations": next(iter(outputs.values())).shape[1], "seed": seed,
+                     "bubble_blocks": len(schedule["bubbled"]),
                      "similarity": "cached step vs every step that reuses it (official code's variant)"},
     )
     path = Path(out) if out else schedule_path_for(checkpoint, solver_name, steps)

@@ -148,10 +148,12 @@ def cmd_demo(args) -> None:
 def cmd_calibrate(args) -> None:
     from policies.accelerate import calibrate_bac
 
-    schedule, path = calibrate_bac(args.checkpoint, args.solver, args.steps, args.budget, args.demos,
-                                   observations=args.observations, seed=args.seed, bubble=args.bubble, out=args.out)
-    print(f"wrote {path} and {path.with_suffix('.png')}: block_evals_fraction {schedule['block_evals_fraction']:.3f}, "
-          f"bubbled {schedule['bubbled']}")
+    budget = 4 if args.budget is None and args.fraction is None else args.budget
+    schedule, path = calibrate_bac(args.checkpoint, args.solver, args.steps, budget, args.demos,
+                                   observations=args.observations, seed=args.seed, bubble=args.bubble, out=args.out,
+                                   fraction=args.fraction)
+    print(f"wrote {path} and {path.with_suffix('.png')}: budget {schedule['budget']}, block_evals_fraction "
+          f"{schedule['block_evals_fraction']:.3f}, bubbled {schedule['bubbled']}")
 
 
 def cmd_export(args) -> None:
@@ -286,8 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--checkpoint", default="pusht-unet")
     calibrate.add_argument("--solver", default="ddim")
     calibrate.add_argument("--steps", type=int, default=10)
-    calibrate.add_argument("--budget", type=int, default=4, help="update steps per block before bubbling")
-    calibrate.add_argument("--bubble", type=int, default=5, help="blocks given downstream feed-forward updates")
+    size = calibrate.add_mutually_exclusive_group()
+    size.add_argument("--budget", type=int, help="update steps per block before bubbling (default 4)")
+    size.add_argument("--fraction", type=float,
+                      help="at most this fraction of block evaluations; budget and bubbling chosen by action error")
+    calibrate.add_argument("--bubble", type=int, default=5, help="with --budget: blocks given downstream feed-forward updates")
     calibrate.add_argument("--observations", type=int, default=32)
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument("--demos", default=str(DEMOS_PATH))

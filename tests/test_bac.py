@@ -9,7 +9,14 @@ import torch
 
 from policies.checkpoint import save_policy
 from runtime.accel import make_accelerator
-from runtime.accel.bac import bubbling_union, optimal_update_steps, record_block_outputs, similarity_matrix
+from runtime.accel.bac import (
+    bubbling_union,
+    calibrate_to_fraction,
+    optimal_update_steps,
+    optimal_update_steps_per_budget,
+    record_block_outputs,
+    similarity_matrix,
+)
 
 
 def reuse_score(similarity, updates):
@@ -42,6 +49,32 @@ def test_bubbling_union_adds_downstream_feed_forward_updates():
     assert bubbled == ["a.attn", "b.attn"]
     assert merged["a.attn"] == [0, 2, 3, 4] and merged["b.attn"] == [0, 3, 6]
     assert merged["a.ff"] == [0, 2] and merged["b.ff"] == [0, 3]
+
+
+def test_one_programme_answers_every_budget():
+    similarity = np.random.default_rng(7).uniform(-1, 1, (12, 12))
+    per_budget = optimal_update_steps_per_budget(similarity, 12)
+    assert per_budget == [optimal_update_steps(similarity, budget) for budget in range(1, 13)]
+
+
+def test_fraction_cap_is_kept_and_the_least_error_candidate_wins():
+    rng = np.random.default_rng(3)
+    outputs = {name: torch.from_numpy(rng.normal(size=(20, 2, 6)).cumsum(0)).float()
+               for name in ("a.attn", "a.ff", "b.attn", "b.ff")}
+    feed_forward = {"a.ff", "b.ff"}
+    seen = []
+
+    def error(blocks):  # a stand-in for the action error: here, fewer updates on b.ff is better
+        seen.append(blocks)
+        return len(blocks["b.ff"]) + 0.01 * sum(map(len, blocks.values()))
+
+    schedule = calibrate_to_fraction(outputs, 0.3, feed_forward, error)
+    assert schedule["block_evals_fraction"] <= 0.3
+    assert all(c["block_evals_fraction"] <= 0.3 for c in schedule["candidates"])
+    assert len(seen) == len(schedule["candidates"]) > 1  # every distinct candidate was scored, once
+    assert schedule["output_error"] == min(c["output_error"] for c in schedule["candidates"]) == error(schedule["blocks"])
+    with pytest.raises(ValueError, match="at most 0.010 of the blocks"):
+        calibrate_to_fraction(outputs, 0.01, feed_forward, error)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ that is the error the cache actually makes; the paper scores adjacent steps.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -62,26 +63,35 @@ def similarity_matrix(outputs: torch.Tensor) -> np.ndarray:
 
 
 def optimal_update_steps(similarity: np.ndarray, budget: int) -> list[int]:
-    """The `budget` update steps (step 0 always among them) that maximise the summed similarity of reuse.
+    """The `budget` update steps (step 0 always among them) that maximise the summed similarity of reuse."""
+    return optimal_update_steps_per_budget(similarity, budget)[-1]
+
+
+def optimal_update_steps_per_budget(similarity: np.ndarray, max_budget: int) -> list[list[int]]:
+    """The optimal update steps for every budget 1 .. max_budget, from one dynamic programme.
 
     A segment [i, j) computes at step i and serves steps i+1 .. j-1 from that
     output, scoring sum_k S[i, k]. best[m, j] is the best score of covering
-    steps [0, j) with m segments; the answer is best[budget, K].
+    steps [0, j) with m segments; budget m's answer is best[m, K], traced back.
     """
     steps = len(similarity)
-    budget = min(max(budget, 1), steps)
+    max_budget = min(max(max_budget, 1), steps)
     # reuse[i, j] = sum of S[i, k] for i < k < j
     reuse = np.zeros((steps, steps + 1))
     for i in range(steps):
         reuse[i, i + 2 :] = np.cumsum(similarity[i, i + 1 :])[: steps - i - 1]
-    best = np.full((budget + 1, steps + 1), -np.inf)
-    choice = np.zeros((budget + 1, steps + 1), dtype=int)
+    best = np.full((max_budget + 1, steps + 1), -np.inf)
+    choice = np.zeros((max_budget + 1, steps + 1), dtype=int)
     best[1, 1:] = reuse[0, 1:]
-    for m in range(2, budget + 1):
+    for m in range(2, max_budget + 1):
         for j in range(m, steps + 1):
             candidates = best[m - 1, m - 1 : j] + reuse[m - 1 : j, j]
             k = int(np.argmax(candidates))
             best[m, j], choice[m, j] = candidates[k], m - 1 + k
+    return [_trace_back(choice, budget, steps) for budget in range(1, max_budget + 1)]
+
+
+def _trace_back(choice: np.ndarray, budget: int, steps: int) -> list[int]:
     updates, j = [], steps
     for m in range(budget, 1, -1):
         j = int(choice[m, j])
@@ -113,6 +123,48 @@ def calibrate(outputs: dict[str, torch.Tensor], budget: int, feed_forward: set[s
     similarities = {name: similarity_matrix(value) for name, value in outputs.items()}
     per_block = {name: optimal_update_steps(sim, budget) for name, sim in similarities.items()}
     errors = {name: reuse_error(value) for name, value in outputs.items()}
+    return _schedule(per_block, similarities, errors, feed_forward, budget, bubble)
+
+
+def calibrate_to_fraction(outputs: dict[str, torch.Tensor], fraction: float, feed_forward: set[str],
+                          output_error) -> dict:
+    """BAC under a cap on block evaluations, the bubbling union's size chosen by the error it leaves.
+
+    For each union size n (0 .. every block) the largest per-block budget whose
+    schedule evaluates at most `fraction` of all blocks; of those candidates, the
+    one with the smallest `output_error(blocks)`: how far the final output of a
+    calibration run with that schedule lands from the full model's. The paper
+    fixes n (5); here no single n served both a 10-step and a 100-step solver.
+    """
+    similarities = {name: similarity_matrix(value) for name, value in outputs.items()}
+    errors = {name: reuse_error(value) for name, value in outputs.items()}
+    steps = len(next(iter(similarities.values())))
+    max_budget = max(1, math.ceil(fraction * steps))
+    per_budget = {name: optimal_update_steps_per_budget(sim, max_budget) for name, sim in similarities.items()}
+    candidates = []
+    for bubble in range(len(outputs) + 1):
+        fitting = None
+        for budget in range(1, max_budget + 1):
+            per_block = {name: choices[budget - 1] for name, choices in per_budget.items()}
+            schedule = _schedule(per_block, similarities, errors, feed_forward, budget, bubble)
+            if schedule["block_evals_fraction"] <= fraction + 1e-9:
+                fitting = schedule
+        if fitting is not None and all(fitting["blocks"] != c["blocks"] for c in candidates):
+            candidates.append(fitting)
+    if not candidates:
+        raise ValueError(f"no BAC schedule evaluates at most {fraction:.3f} of the blocks (one update each is "
+                         f"{1 / steps:.3f} plus what bubbling adds)")
+    scored = [(float(output_error(c["blocks"])), c) for c in candidates]
+    error, chosen = min(scored, key=lambda pair: pair[0])
+    chosen.update(fraction_cap=fraction, output_error=error,
+                  candidates=[{"budget": c["budget"], "bubble": len(c["bubbled"]),
+                               "block_evals_fraction": c["block_evals_fraction"], "output_error": e}
+                              for e, c in scored])
+    return chosen
+
+
+def _schedule(per_block: dict, similarities: dict, errors: dict, feed_forward: set[str], budget: int,
+              bubble: int) -> dict:
     schedule, bubbled = bubbling_union(per_block, errors, feed_forward, bubble)
     steps = len(next(iter(similarities.values())))
     return {
