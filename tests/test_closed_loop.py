@@ -17,11 +17,7 @@ def expert_score():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpoint", [
-    "pusht-unet",
-    # Not met yet: 0.842 against a bar of 0.876 (benchmarks/RESULTS.md). Kept visible, not skipped.
-    pytest.param("pusht-transformer", marks=pytest.mark.xfail(reason="transformer below the bar", strict=False)),
-])
+@pytest.mark.parametrize("checkpoint", ["pusht-unet", "pusht-transformer"])
 def test_bundled_policy_reaches_90_percent_of_the_expert(checkpoint, expert_score):
     report = evaluate(checkpoint, EPISODES, EVAL_SEED, "ddim", 10, workers=2)
     assert report["score_mean"] >= 0.9 * expert_score, (report["score_mean"], expert_score)
