@@ -13,8 +13,9 @@ BAC+SADA), against `none` measured in the same process:
   the same observation and the same initial noise, over held-out observations;
 - score_mean and score_delta: closed-loop PushT over the same seeded episodes.
 
-BAC schedules are calibrated here, one per budget, on the calibration
-observations (seed 0); fidelity uses other observations (seed 1).
+BAC schedules are calibrated here, one per cap on the fraction of block
+evaluations (`calibrate_to_fraction`), on the calibration observations
+(seed 0); fidelity uses other observations (seed 1).
 """
 
 from __future__ import annotations
@@ -30,10 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policies.accelerate import calibration_observations, feed_forward_blocks, policy_accelerator, record_calibration
+from policies.accelerate import (
+    bac_output_error,
+    calibration_observations,
+    feed_forward_blocks,
+    policy_accelerator,
+    record_calibration,
+)
 from policies.checkpoint import checkpoint_hash, load_policy
 from policies.evaluate import evaluate
-from runtime.accel.bac import calibrate
+from runtime.accel.bac import calibrate_to_fraction
 from runtime.cli import DEMOS_PATH, EVAL_SEED
 
 POLICIES = ("pusht-transformer", "pusht-unet")
@@ -71,27 +78,33 @@ def sada_config(accel: str, threshold: float, max_consecutive: int, window: tupl
 
 
 def configurations(policy, checkpoint: str, solver: str, steps: int, quick: bool) -> list[Config]:
+    # BAC is capped at the block-evaluation fractions uniform caching reaches, so the two compare at equal work.
     if steps <= 10:
-        intervals, budgets = (2, 3), (3, 4, 5)
+        intervals, caps = (2, 3), (0.5, 0.4, 0.3)
     else:
-        intervals, budgets = (3, 5, 8), (10, 15, 25)
+        intervals, caps = (3, 5, 8), (0.34, 0.2, 0.125)
     sada = SADA_SETTINGS
     if quick:
-        intervals, budgets, sada = intervals[:1], budgets[-1:], sada[:1]
+        intervals, caps, sada = intervals[:1], caps[:1], sada[:1]
     configs = [Config("none")]
     configs += [Config("uniform", {"interval": k}, {"interval": k}) for k in intervals]
-    outputs = record_calibration(policy, solver, steps, DEMOS_PATH)  # once: every budget calibrates on it
+    outputs = record_calibration(policy, solver, steps, DEMOS_PATH)  # once: every cap calibrates on it
+    error = bac_output_error(policy, solver, steps, DEMOS_PATH)
     feed_forward, weights = feed_forward_blocks(policy.denoiser), checkpoint_hash(checkpoint)
-    schedules = {b: {**calibrate(outputs, b, feed_forward), "solver": solver, "checkpoint_sha256": weights}
-                 for b in budgets}
-    configs += [Config("bac", {"budget": b}, {"schedule": s}) for b, s in schedules.items()]
+    schedules = {cap: {**calibrate_to_fraction(outputs, cap, feed_forward, error), "solver": solver,
+                       "checkpoint_sha256": weights} for cap in caps}
+    configs += [Config("bac", bac_params(cap, s), {"schedule": s}) for cap, s in schedules.items()]
     configs += [sada_config("sada", *setting) for setting in sada]
-    middle = budgets[len(budgets) // 2]
+    middle = caps[len(caps) // 2]
     for setting in sada[2:] or sada[:1]:  # the step-skipping settings; quick has only the default
         config = sada_config("bac+sada", *setting, schedule=schedules[middle])
-        config.params = {"budget": middle, **config.params}
+        config.params = {**bac_params(middle, schedules[middle]), **config.params}
         configs.append(config)
     return configs
+
+
+def bac_params(cap: float, schedule: dict) -> dict:
+    return {"fraction_cap": cap, "budget": schedule["budget"], "bubble": len(schedule["bubbled"])}
 
 
 def action_mse(runners: list, observations: torch.Tensor) -> list[float]:
