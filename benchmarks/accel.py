@@ -15,7 +15,8 @@ BAC+SADA), against `none` measured in the same process:
 
 BAC schedules are calibrated here, one per cap on the fraction of block
 evaluations (`calibrate_to_fraction`), on the calibration observations
-(seed 0); fidelity uses other observations (seed 1).
+(seed 0); fidelity uses other observations (seed 1). bac+sada gets its own
+schedules at the same caps, with refreshes kept off the steps SADA may skip.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from policies.accelerate import (
 from policies.checkpoint import checkpoint_hash, load_policy
 from policies.evaluate import evaluate
 from runtime.accel.bac import calibrate_to_fraction
+from runtime.accel.composed import skip_lattice
 from runtime.cli import DEMOS_PATH, EVAL_SEED
 
 POLICIES = ("pusht-transformer", "pusht-unet")
@@ -70,6 +72,10 @@ SADA_SETTINGS = (
 )
 
 
+# bac+sada's SADA: the step-skipping setting (no token-wise calls) whose skips cost the least action error.
+COMPOSED_THRESHOLD, COMPOSED_WINDOW = 1e-2, (0.1, 0.97)
+
+
 def sada_config(accel: str, threshold: float, max_consecutive: int, window: tuple, tokenwise: bool, **extra) -> Config:
     params = {"threshold": threshold, "max_consecutive": max_consecutive, "window": list(window), "tokenwise": tokenwise}
     options = {**extra, "threshold": threshold, "max_consecutive": max_consecutive, "window": window,
@@ -77,7 +83,7 @@ def sada_config(accel: str, threshold: float, max_consecutive: int, window: tupl
     return Config(accel, params, options)
 
 
-def configurations(policy, checkpoint: str, solver: str, steps: int, quick: bool) -> list[Config]:
+def configurations(policy, checkpoint: str, solver: str, steps: int, quick: bool, accels: set[str]) -> list[Config]:
     # BAC is capped at the block-evaluation fractions uniform caching reaches, so the two compare at equal work.
     if steps <= 10:
         intervals, caps = (2, 3), (0.5, 0.4, 0.3)
@@ -88,19 +94,28 @@ def configurations(policy, checkpoint: str, solver: str, steps: int, quick: bool
         intervals, caps, sada = intervals[:1], caps[:1], sada[:1]
     configs = [Config("none")]
     configs += [Config("uniform", {"interval": k}, {"interval": k}) for k in intervals]
+    configs += [sada_config("sada", *setting) for setting in sada]
+    if not accels & {"bac", "bac+sada"}:
+        return [c for c in configs if c.accel == "none" or c.accel in accels]
     outputs = record_calibration(policy, solver, steps, DEMOS_PATH)  # once: every cap calibrates on it
     error = bac_output_error(policy, solver, steps, DEMOS_PATH)
     feed_forward, weights = feed_forward_blocks(policy.denoiser), checkpoint_hash(checkpoint)
     schedules = {cap: {**calibrate_to_fraction(outputs, cap, feed_forward, error), "solver": solver,
                        "checkpoint_sha256": weights} for cap in caps}
     configs += [Config("bac", bac_params(cap, s), {"schedule": s}) for cap, s in schedules.items()]
-    configs += [sada_config("sada", *setting) for setting in sada]
-    middle = caps[len(caps) // 2]
-    for setting in sada[2:] or sada[:1]:  # the step-skipping settings; quick has only the default
-        config = sada_config("bac+sada", *setting, schedule=schedules[middle])
-        config.params = {**bac_params(middle, schedules[middle]), **config.params}
-        configs.append(config)
-    return configs
+    # bac+sada: at each cap, a schedule whose refreshes stay off the lattice of steps SADA may skip, in runs of
+    # one or two (`skip_lattice`), with the step-skipping SADA threshold and window; quick: one of them.
+    for cap in caps:
+        for max_consecutive in (1, 2) if not quick else (2,):
+            skippable = skip_lattice(steps, COMPOSED_WINDOW, max_consecutive)
+            allowed = set(range(steps)) - skippable
+            schedule = {**calibrate_to_fraction(outputs, cap, feed_forward, error, allowed), "solver": solver,
+                        "checkpoint_sha256": weights, "skippable": sorted(skippable)}
+            config = sada_config("bac+sada", COMPOSED_THRESHOLD, max_consecutive, COMPOSED_WINDOW, False,
+                                 schedule=schedule)
+            config.params = {**bac_params(cap, schedule), **config.params}
+            configs.append(config)
+    return [c for c in configs if c.accel == "none" or c.accel in accels]  # none: every ratio and delta needs it
 
 
 def bac_params(cap: float, schedule: dict) -> dict:
@@ -135,7 +150,7 @@ def interleaved_medians_ms(runners: list, observations: torch.Tensor, repeats: i
 def measure_setting(checkpoint: str, solver_name: str, steps: int, args) -> list[dict]:
     policy = load_policy(checkpoint)
     solver = policy.make_solver(solver_name, steps)
-    configs = configurations(policy, checkpoint, solver_name, steps, args.quick)
+    configs = configurations(policy, checkpoint, solver_name, steps, args.quick, set(args.accels.split(",")))
     # One policy instance per configuration: a model carries one accelerator's hooks at a time.
     runners = [(load_policy(checkpoint), solver, policy_accelerator(c.accel, checkpoint, solver_name, steps, **c.options))
                for c in configs]
@@ -159,6 +174,15 @@ def measure_setting(checkpoint: str, solver_name: str, steps: int, args) -> list
     for row in rows:
         row["score_delta"] = row["score_mean"] - rows[0]["score_mean"] if args.episodes else None
     return rows
+
+
+def merged(kept: list[dict], new: list[dict]) -> list[dict]:
+    """Rows kept from an earlier run, less those measured again (same policy, solver, steps, label), then the new."""
+    def key(row):
+        return row["policy"], row["solver"], row["steps"], row["label"]
+
+    again = {key(row) for row in new}
+    return [row for row in kept if key(row) not in again] + new
 
 
 def pareto_plot(rows: list[dict], path: Path) -> None:
@@ -190,6 +214,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one configuration per accelerator, few repeats and episodes")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--settings", default=",".join(f"{s}{k}" for s, k in SETTINGS), help="e.g. ddim10,ddpm100")
+    parser.add_argument("--accels", default="uniform,bac,sada,bac+sada", help="which accelerators (none always runs)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows already in --json, replacing those this run measures again")
     parser.add_argument("--repeats", type=int, default=40, help="timed chunk inferences per configuration (>= 30)")
     parser.add_argument("--samples", type=int, default=32, help="held-out observations for action MSE")
     parser.add_argument("--episodes", type=int, default=50, help="closed-loop episodes per configuration (0: none)")
@@ -197,6 +224,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for timing")
     parser.add_argument("--json", default="benchmarks/results/accel.json")
     args = parser.parse_args()
+    unknown = set(args.accels.split(",")) - {"uniform", "bac", "sada", "bac+sada"}
+    if unknown:
+        parser.error(f"unknown accelerator(s) in --accels: {', '.join(sorted(unknown))}")
     if args.quick:
         args.repeats, args.samples, args.episodes = min(args.repeats, 10), min(args.samples, 8), min(args.episodes, 4)
 
@@ -210,11 +240,14 @@ def main() -> None:
         "quick": args.quick, "repeats": args.repeats, "samples": args.samples, "episodes": args.episodes,
         "eval_seed": EVAL_SEED, "rows": [],
     }
+    kept = json.loads(out.read_text())["rows"] if args.merge and out.exists() else []
     for checkpoint in args.policies.split(","):
         for solver_name, steps in settings:
             print(f"{checkpoint} {solver_name} {steps}", flush=True)
             result["rows"] += measure_setting(checkpoint, solver_name, steps, args)
-            out.write_text(json.dumps(result, indent=1) + "\n")  # after every setting: a long run keeps what it has
+            # after every setting: a long run keeps what it has
+            out.write_text(json.dumps({**result, "rows": merged(kept, result["rows"])}, indent=1) + "\n")
+    result["rows"] = merged(kept, result["rows"])
     if args.episodes:
         pareto_plot(result["rows"], out.with_suffix(".png"))
     print(f"wrote {out}")

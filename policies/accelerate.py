@@ -20,6 +20,7 @@ from runtime.accel.bac import (
     schedule_filename,
 )
 from runtime.accel.base import Accelerator
+from runtime.accel.composed import skip_lattice
 
 
 def feed_forward_blocks(denoiser) -> set[str]:
@@ -74,20 +75,28 @@ def bac_output_error(policy, solver_name: str, steps: int, demos_path: str | Pat
 
 def calibrate_bac(checkpoint: str, solver_name: str, steps: int, budget: int | None, demos_path: str | Path,
                   observations: int = 32, seed: int = 0, bubble: int = 5, out: str | Path | None = None,
-                  fraction: float | None = None) -> tuple[dict, Path]:
+                  fraction: float | None = None, sada: dict | None = None) -> tuple[dict, Path]:
     """A BAC schedule: `budget` updates per block and the paper's union of `bubble` blocks, or, with `fraction`,
-    at most that fraction of block evaluations with the budget and union size that leave the least action error."""
+    at most that fraction of block evaluations with the budget and union size that leave the least action error.
+
+    With `sada` ({"window": (lo, hi), "max_consecutive": m}) it is a bac+sada schedule: no block refreshes on
+    the lattice of steps SADA may skip (`skip_lattice`), which the schedule lists as `skippable`."""
     if (budget is None) == (fraction is None):
         raise ValueError("give a BAC budget (updates per block) or a fraction of block evaluations, not both")
     if fraction is not None and not 0 < fraction <= 1:
         raise ValueError(f"fraction of block evaluations must be in (0, 1], got {fraction}")
     policy = load_policy(checkpoint)
     outputs = record_calibration(policy, solver_name, steps, demos_path, observations, seed)
+    skippable = skip_lattice(steps, **sada) if sada is not None else set()
+    allowed = set(range(steps)) - skippable
     if fraction is None:
-        schedule = calibrate(outputs, budget, feed_forward_blocks(policy.denoiser), bubble)
+        schedule = calibrate(outputs, budget, feed_forward_blocks(policy.denoiser), bubble, allowed)
     else:
         error = bac_output_error(policy, solver_name, steps, demos_path, observations, seed)
-        schedule = calibrate_to_fraction(outputs, fraction, feed_forward_blocks(policy.denoiser), error)
+        schedule = calibrate_to_fraction(outputs, fraction, feed_forward_blocks(policy.denoiser), error, allowed)
+    if sada is not None:
+        schedule.update(skippable=sorted(skippable), sada={"window": list(sada["window"]),
+                                                            "max_consecutive": sada["max_consecutive"]})
     schedule.update(
         solver=solver_name,
         checkpoint=str(checkpoint),
@@ -96,15 +105,16 @@ def calibrate_bac(checkpoint: str, solver_name: str, steps: int, budget: int | N
                      "bubble_blocks": len(schedule["bubbled"]),
                      "similarity": "cached step vs every step that reuses it (official code's variant)"},
     )
-    path = Path(out) if out else schedule_path_for(checkpoint, solver_name, steps)
+    method = "bac" if sada is None else "bac+sada"
+    path = Path(out) if out else schedule_path_for(checkpoint, solver_name, steps, method)
     save_schedule(schedule, path)
     plot_schedule(schedule, path.with_suffix(".png"))
     return schedule, path
 
 
-def schedule_path_for(checkpoint: str, solver_name: str, steps: int) -> Path:
-    """Where `rtdiff calibrate bac` puts a checkpoint's schedule by default, and where `--accel bac` looks."""
-    return resolve(checkpoint) / schedule_filename(solver_name, steps)
+def schedule_path_for(checkpoint: str, solver_name: str, steps: int, method: str = "bac") -> Path:
+    """Where `rtdiff calibrate bac|bac+sada` puts a checkpoint's schedule by default, and where `--accel` looks."""
+    return resolve(checkpoint) / schedule_filename(solver_name, steps, method)
 
 
 def policy_accelerator(name: str, checkpoint: str, solver_name: str, steps: int, schedule: dict | None = None,
@@ -112,7 +122,7 @@ def policy_accelerator(name: str, checkpoint: str, solver_name: str, steps: int,
     """The named accelerator for a checkpoint; `bac` reads the schedule calibrated beside it unless given one."""
     if name in ("bac", "bac+sada"):
         if schedule is None:
-            schedule = load_schedule(schedule_path_for(checkpoint, solver_name, steps))
+            schedule = load_schedule(schedule_path_for(checkpoint, solver_name, steps, name))
         return make_accelerator(name, schedule=schedule, solver=solver_name, steps=steps,
                                 checkpoint_hash=checkpoint_hash(checkpoint), **options)
     if schedule is not None:

@@ -149,9 +149,10 @@ def cmd_calibrate(args) -> None:
     from policies.accelerate import calibrate_bac
 
     budget = 4 if args.budget is None and args.fraction is None else args.budget
+    sada = {"window": tuple(args.window), "max_consecutive": args.max_consecutive} if args.method == "bac+sada" else None
     schedule, path = calibrate_bac(args.checkpoint, args.solver, args.steps, budget, args.demos,
                                    observations=args.observations, seed=args.seed, bubble=args.bubble, out=args.out,
-                                   fraction=args.fraction)
+                                   fraction=args.fraction, sada=sada)
     print(f"wrote {path} and {path.with_suffix('.png')}: budget {schedule['budget']}, block_evals_fraction "
           f"{schedule['block_evals_fraction']:.3f}, bubbled {schedule['bubbled']}")
 
@@ -279,12 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int, default=EVAL_SEED)
         sub.add_argument("--solver", default="ddim", help="ddim | ddpm | dpmpp")
         sub.add_argument("--steps", type=int, default=10)
-        sub.add_argument("--accel", default="none", help="none | uniform | bac | sada | bac+sada (bac: `rtdiff calibrate bac` first)")
+        sub.add_argument("--accel", default="none", help="none | uniform | bac | sada | bac+sada (bac, bac+sada: `rtdiff calibrate` first)")
         sub.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt (exported and built on first use, cached)")
         sub.add_argument("--json")
 
     calibrate = commands.add_parser("calibrate", help="calibrate an accelerator's schedule for a checkpoint")
-    calibrate.add_argument("method", choices=["bac"])
+    calibrate.add_argument("method", choices=["bac", "bac+sada"],
+                           help="bac+sada: refreshes kept off the steps SADA may skip (--window, --max-consecutive)")
     calibrate.add_argument("--checkpoint", default="pusht-unet")
     calibrate.add_argument("--solver", default="ddim")
     calibrate.add_argument("--steps", type=int, default=10)
@@ -293,10 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--fraction", type=float,
                       help="at most this fraction of block evaluations; budget and bubbling chosen by action error")
     calibrate.add_argument("--bubble", type=int, default=5, help="with --budget: blocks given downstream feed-forward updates")
+    calibrate.add_argument("--window", type=float, nargs=2, default=(0.1, 0.97), metavar=("LO", "HI"),
+                           help="bac+sada: the part of the trajectory SADA may skip in")
+    calibrate.add_argument("--max-consecutive", type=int, default=2, help="bac+sada: skips in a row")
     calibrate.add_argument("--observations", type=int, default=32)
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument("--demos", default=str(DEMOS_PATH))
-    calibrate.add_argument("--out", help="schedule JSON (default: beside the checkpoint, where --accel bac looks)")
+    calibrate.add_argument("--out", help="schedule JSON (default: beside the checkpoint, where --accel looks)")
     calibrate.set_defaults(run=cmd_calibrate)
 
     export = commands.add_parser("export", help="export a policy to ONNX, one graph per schedule segment; or check one")

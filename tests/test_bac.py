@@ -36,6 +36,20 @@ def test_scheduler_is_exact(seed):
         assert reuse_score(similarity, chosen) == pytest.approx(best)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_scheduler_is_exact_when_only_some_steps_may_refresh(seed):
+    rng = np.random.default_rng(seed)
+    steps, allowed = 9, {0, 2, 3, 6, 8}
+    similarity = rng.uniform(-1, 1, (steps, steps))
+    per_budget = optimal_update_steps_per_budget(similarity, steps, allowed)
+    assert len(per_budget) == len(allowed)  # no budget beyond the steps that may refresh
+    for budget, chosen in enumerate(per_budget, start=1):
+        assert set(chosen) <= allowed and chosen[0] == 0 and len(chosen) == budget
+        best = max(reuse_score(similarity, [0, *rest])
+                   for rest in itertools.combinations(sorted(allowed - {0}), budget - 1))
+        assert reuse_score(similarity, chosen) == pytest.approx(best)
+
+
 def test_scheduler_refreshes_where_features_change():
     # Features constant over steps 0-4 and 5-9, changing at 5: two updates go to 0 and 5.
     features = torch.cat([torch.ones(5, 1, 4), torch.tensor([1.0, -1, 1, -1]).expand(5, 1, 4)])
@@ -137,3 +151,22 @@ def test_calibrate_command_writes_schedule_and_heatmap_used_by_eval(tiny_policy,
     assert accelerator.updates == {name: set(steps) for name, steps in stored["blocks"].items()}
     with pytest.raises(FileNotFoundError, match="calibrate bac"):
         policy_accelerator("bac", str(folder), "ddim", 9)
+
+
+def test_a_bac_sada_schedule_keeps_refreshes_off_the_steps_sada_may_skip(tiny_policy, tmp_path):
+    from policies.accelerate import calibrate_bac, policy_accelerator
+    from runtime.accel.composed import skip_lattice
+    from runtime.cli import DEMOS_PATH
+
+    folder = save_policy(tiny_policy, tmp_path / "tiny")
+    sada = {"window": (0.1, 0.97), "max_consecutive": 2}
+    schedule, path = calibrate_bac(str(folder), "ddim", 10, budget=None, fraction=0.5, demos_path=DEMOS_PATH,
+                                   observations=8, sada=sada)
+    assert path == folder / "bac+sada-ddim-10.json"
+    lattice = skip_lattice(10, **sada)
+    assert schedule["skippable"] == sorted(lattice) and schedule["block_evals_fraction"] <= 0.5
+    assert not any(lattice & set(steps) for steps in schedule["blocks"].values())
+    accelerator = policy_accelerator("bac+sada", str(folder), "ddim", 10)
+    assert accelerator.skipper.skippable == lattice and accelerator.skipper.max_consecutive == 2
+    with pytest.raises(FileNotFoundError, match="calibrate bac\\+sada"):
+        policy_accelerator("bac+sada", str(folder), "ddim", 8)

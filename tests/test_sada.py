@@ -78,28 +78,56 @@ def test_batch_skips_only_when_every_trajectory_is_stable(policy):
     assert accelerator.plan_step(3, x, history) == expected
 
 
-def test_bac_inside_sada_steps(policy):
+def test_skip_lattice_leaves_every_run_an_anchor():
+    from runtime.accel.composed import skip_lattice
+
+    assert sorted(skip_lattice(10, (0.1, 0.97), 1)) == [3, 5, 7, 9]
+    assert sorted(skip_lattice(10, (0.1, 0.97), 2)) == [3, 4, 6, 7, 9]
+    assert sorted(skip_lattice(10, (0.5, 0.8), 1)) == [5, 7]
+
+
+def test_bac_and_sada_never_share_a_step(policy):
     names = [name for name, _ in policy.denoiser.cache_blocks()]
-    schedule = {"steps": 10, "blocks": {n: [0, 3, 6] if k % 2 else list(range(10)) for k, n in enumerate(names)}}
+    # odd blocks refresh at 0, 3, 6; even blocks at 0, 4, 8: steps 1, 2, 5, 7, 9 refresh nothing
+    schedule = {"steps": 10, "blocks": {n: [0, 3, 6] if k % 2 else [0, 4, 8] for k, n in enumerate(names)}}
 
     bac_only = make_accelerator("bac", schedule=schedule, solver="ddim", steps=10)
-    reference = run(policy, bac_only)
+    reference, bac_fraction = run(policy, bac_only), bac_only.stats()["block_evals_fraction"]
     bac_only.unbind()
     never_skips = make_accelerator("bac+sada", schedule=schedule, solver="ddim", steps=10, threshold=-math.inf)
     torch.testing.assert_close(run(policy, never_skips), reference, rtol=0, atol=0)
     never_skips.unbind()
 
-    # Step 3 is skipped (window covers only it), so the blocks scheduled there refresh at step 4 instead.
-    composed = make_accelerator("bac+sada", schedule=schedule, solver="ddim", steps=10, threshold=math.inf,
-                                window=(0.3, 0.4))
+    always_skips = make_accelerator("bac+sada", schedule=schedule, solver="ddim", steps=10, threshold=math.inf,
+                                    window=(0.0, 1.0), max_consecutive=2)
     computed = []
-    original = composed.before_model_call
-    composed.before_model_call = lambda i: (original(i), computed.append((i, set(composed.hooks.cache.compute))))
-    run(policy, composed)
+    original = always_skips.before_model_call
+    always_skips.before_model_call = lambda i: (original(i), computed.append((i, set(always_skips.hooks.cache.compute))))
+    run(policy, always_skips)
     plans = dict(computed)
-    assert 3 not in plans and composed.stats()["model_calls"] == 9
-    assert plans[4] == set(names)  # odd blocks: pending from step 3; even blocks: scheduled every step
-    assert plans[5] == {n for k, n in enumerate(names) if k % 2 == 0}
+    assert sorted(plans) == [0, 1, 2, 3, 4, 6, 8]  # 5, 7, 9 skipped; 1, 2 too early for the criterion
+    assert all(plans[i] == {n for n in names if i in schedule["blocks"][n]} for i in plans)  # BAC's plan, unmoved
+    assert always_skips.stats()["block_evals_fraction"] == bac_fraction  # every refresh still happens
+
+
+def test_a_bac_sada_schedule_limits_skips_to_its_lattice_and_sets_sada_defaults(policy):
+    names = [name for name, _ in policy.denoiser.cache_blocks()]
+    schedule = {"steps": 10, "blocks": {n: [0, 2, 5, 8] for n in names}, "skippable": [3, 6],
+                "sada": {"window": [0.0, 1.0], "max_consecutive": 1}}
+    accelerator = make_accelerator("bac+sada", schedule=schedule, solver="ddim", steps=10, threshold=math.inf)
+    run(policy, accelerator)
+    assert accelerator.skipper.window == (0.0, 1.0) and accelerator.skipper.max_consecutive == 1
+    assert accelerator.stats()["skipped_steps"] == 2  # 3 and 6; 4, 7, 9 refresh nothing but are not on the lattice
+
+
+def test_bac_sada_makes_no_partial_call_when_sada_is_told_not_to(make_tiny):
+    transformer = make_tiny("transformer")
+    names = [name for name, _ in transformer.denoiser.cache_blocks()]
+    schedule = {"steps": 10, "blocks": {n: [0, 4, 8] for n in names}}
+    accelerator = make_accelerator("bac+sada", schedule=schedule, solver="ddim", steps=10, threshold=-math.inf,
+                                   token_threshold=math.inf, tokenwise=False)
+    run(transformer, accelerator)
+    assert accelerator.stats()["partial_steps"] == 0
 
 
 # Token-wise sparsity (transformer policies): partial calls recompute only the unstable action tokens.

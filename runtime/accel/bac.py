@@ -27,8 +27,9 @@ from runtime.accel.base import Accelerator
 FORMAT = "rtdiff-bac-schedule/1"
 
 
-def schedule_filename(solver: str, steps: int) -> str:
-    return f"bac-{solver}-{steps}.json"
+def schedule_filename(solver: str, steps: int, method: str = "bac") -> str:
+    """`bac-ddim-10.json`; a schedule for bac+sada, whose refreshes avoid SADA's steps, is `bac+sada-ddim-10.json`."""
+    return f"{method}-{solver}-{steps}.json"
 
 
 class Recorder(Accelerator):
@@ -62,23 +63,27 @@ def similarity_matrix(outputs: torch.Tensor) -> np.ndarray:
     return torch.einsum("ibf,kbf->ikb", unit, unit).mean(-1).numpy()
 
 
-def optimal_update_steps(similarity: np.ndarray, budget: int) -> list[int]:
+def optimal_update_steps(similarity: np.ndarray, budget: int, allowed: set[int] | None = None) -> list[int]:
     """The `budget` update steps (step 0 always among them) that maximise the summed similarity of reuse."""
-    return optimal_update_steps_per_budget(similarity, budget)[-1]
+    return optimal_update_steps_per_budget(similarity, budget, allowed)[-1]
 
 
-def optimal_update_steps_per_budget(similarity: np.ndarray, max_budget: int) -> list[list[int]]:
+def optimal_update_steps_per_budget(similarity: np.ndarray, max_budget: int,
+                                    allowed: set[int] | None = None) -> list[list[int]]:
     """The optimal update steps for every budget 1 .. max_budget, from one dynamic programme.
 
     A segment [i, j) computes at step i and serves steps i+1 .. j-1 from that
     output, scoring sum_k S[i, k]. best[m, j] is the best score of covering
     steps [0, j) with m segments; budget m's answer is best[m, K], traced back.
+    `allowed` restricts the update steps (step 0 always computes).
     """
     steps = len(similarity)
-    max_budget = min(max(max_budget, 1), steps)
-    # reuse[i, j] = sum of S[i, k] for i < k < j
-    reuse = np.zeros((steps, steps + 1))
-    for i in range(steps):
+    allowed = set(range(steps)) if allowed is None else {0} | {i for i in allowed if 0 <= i < steps}
+    max_budget = min(max(max_budget, 1), len(allowed))
+    # reuse[i, j] = sum of S[i, k] for i < k < j; no segment may start at a step that cannot update
+    reuse = np.full((steps, steps + 1), -np.inf)
+    for i in sorted(allowed):
+        reuse[i, i + 1] = 0.0
         reuse[i, i + 2 :] = np.cumsum(similarity[i, i + 1 :])[: steps - i - 1]
     best = np.full((max_budget + 1, steps + 1), -np.inf)
     choice = np.zeros((max_budget + 1, steps + 1), dtype=int)
@@ -118,16 +123,19 @@ def bubbling_union(schedule: dict[str, list[int]], errors: dict[str, float], fee
     return {name: sorted(steps) for name, steps in merged.items()}, bubbled
 
 
-def calibrate(outputs: dict[str, torch.Tensor], budget: int, feed_forward: set[str], bubble: int = 5) -> dict:
-    """The schedule and what it was chosen from: per-block similarity curves and reuse errors."""
+def calibrate(outputs: dict[str, torch.Tensor], budget: int, feed_forward: set[str], bubble: int = 5,
+              allowed: set[int] | None = None) -> dict:
+    """The schedule and what it was chosen from: per-block similarity curves and reuse errors.
+
+    `allowed`: the only steps that may refresh a block (bac+sada keeps refreshes off the steps SADA may skip)."""
     similarities = {name: similarity_matrix(value) for name, value in outputs.items()}
-    per_block = {name: optimal_update_steps(sim, budget) for name, sim in similarities.items()}
+    per_block = {name: optimal_update_steps(sim, budget, allowed) for name, sim in similarities.items()}
     errors = {name: reuse_error(value) for name, value in outputs.items()}
     return _schedule(per_block, similarities, errors, feed_forward, budget, bubble)
 
 
 def calibrate_to_fraction(outputs: dict[str, torch.Tensor], fraction: float, feed_forward: set[str],
-                          output_error) -> dict:
+                          output_error, allowed: set[int] | None = None) -> dict:
     """BAC under a cap on block evaluations, the bubbling union's size chosen by the error it leaves.
 
     For each union size n (0 .. every block) the largest per-block budget whose
@@ -139,8 +147,9 @@ def calibrate_to_fraction(outputs: dict[str, torch.Tensor], fraction: float, fee
     similarities = {name: similarity_matrix(value) for name, value in outputs.items()}
     errors = {name: reuse_error(value) for name, value in outputs.items()}
     steps = len(next(iter(similarities.values())))
-    max_budget = max(1, math.ceil(fraction * steps))
-    per_budget = {name: optimal_update_steps_per_budget(sim, max_budget) for name, sim in similarities.items()}
+    max_budget = min(max(1, math.ceil(fraction * steps)), steps if allowed is None else len({0, *allowed}))
+    per_budget = {name: optimal_update_steps_per_budget(sim, max_budget, allowed)
+                  for name, sim in similarities.items()}
     candidates = []
     for bubble in range(len(outputs) + 1):
         fitting = None
@@ -190,7 +199,8 @@ def load_schedule(path: Path) -> dict:
     try:
         schedule = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"no BAC schedule at {path}; run `rtdiff calibrate bac` first") from None
+        method = "bac+sada" if Path(path).name.startswith("bac+sada") else "bac"
+        raise FileNotFoundError(f"no BAC schedule at {path}; run `rtdiff calibrate {method}` first") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"BAC schedule {path} is not valid JSON: {error}") from None
     if not isinstance(schedule, dict) or schedule.get("format") != FORMAT:

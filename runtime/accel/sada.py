@@ -21,6 +21,13 @@ unstable tokens (score > token_threshold) and take the rest from the cache;
 blocks that mix tokens (self-attention) always run. After `max_partial`
 partial calls in a row the next call is full, which refreshes every token.
 
+The criterion is computed only where its answer can change the plan (a step
+that may be skipped, or a partial call that may be made), from drift
+coefficients taken once per trajectory, each step's drift computed once: on a
+10-token policy it cost as much as the work a skip saves when it ran on every
+step. `skippable` restricts the steps that may be skipped at all (bac+sada
+passes the steps on which its block schedule refreshes nothing).
+
 Decisions are made for the whole batch: a step is skipped only when every
 trajectory in it is stable, and a token is reused only when it is stable in
 every trajectory, so batching requests never changes the answer for the worse.
@@ -31,15 +38,18 @@ from __future__ import annotations
 
 import torch
 
+from collections.abc import Iterable
+
 from runtime.accel.base import FULL, PARTIAL, SKIP, Accelerator
-from runtime.solvers import History
+from runtime.solvers import History, Solver
 
 
 class StabilitySkip(Accelerator):
     name = "sada"
 
     def __init__(self, threshold: float = 0.0, window: tuple[float, float] = (0.2, 0.94), max_consecutive: int = 1,
-                 tokenwise: bool = True, token_threshold: float | None = None, max_partial: int = 2):
+                 tokenwise: bool = True, token_threshold: float | None = None, max_partial: int = 2,
+                 skippable: Iterable[int] | None = None):
         super().__init__()
         if max_consecutive < 1 or max_partial < 0:
             raise ValueError("max_consecutive must be >= 1 and max_partial >= 0")
@@ -49,17 +59,26 @@ class StabilitySkip(Accelerator):
         self.tokenwise = tokenwise
         self.token_threshold = threshold if token_threshold is None else token_threshold
         self.max_partial = max_partial
+        self.skippable = None if skippable is None else set(skippable)
         self.skipped = self.partial = 0
         self._partial_run = 0
+        self._drifts: dict[int, torch.Tensor] = {}
+        self._coefficients: list[tuple[float, float]] = []  # per step n: f_n = a_n x_n + b_n eps_n
 
     def bind(self, denoiser) -> StabilitySkip:
         # The block cache is needed only to serve the tokens a partial call leaves out.
         self.uses_block_cache = self.tokenwise and self.max_partial > 0 and hasattr(denoiser, "tokenwise_blocks")
         return super().bind(denoiser)
 
+    def begin(self, solver: Solver) -> None:
+        super().begin(solver)
+        self._drifts.clear()
+        self._coefficients = [self._drift_coefficients(t) for t in solver.timesteps]
+
     @property
     def tokenwise_ready(self) -> bool:
-        return self.hooks is not None and bool(self.hooks.cache.token_inputs) and self.max_partial > 0
+        # `tokenwise` is checked here too: inside bac+sada the hooks are BAC's, present whatever SADA was told
+        return self.tokenwise and self.hooks is not None and bool(self.hooks.cache.token_inputs) and self.max_partial > 0
 
     def plan_step(self, i: int, x: torch.Tensor, history: History) -> str:
         plan = self._plan(i, x, history)
@@ -73,12 +92,15 @@ class StabilitySkip(Accelerator):
         steps = len(self.solver.timesteps)
         if not (self.window[0] * steps <= i < self.window[1] * steps) or i < 3:
             return FULL
+        may_skip = (self.skippable is None or i in self.skippable) and not (
+            len(history.model_called) >= self.max_consecutive and not any(history.model_called[-self.max_consecutive:]))
+        may_be_partial = self.tokenwise_ready and self._partial_run < self.max_partial
+        if not (may_skip or may_be_partial):
+            return FULL
         scores = self.token_scores(i, x, history)
-        may_skip = not (len(history.model_called) >= self.max_consecutive
-                        and not any(history.model_called[-self.max_consecutive:]))
         if may_skip and scores.mean(1).max() <= self.threshold:
             return SKIP
-        if not self.tokenwise_ready or self._partial_run >= self.max_partial:
+        if not may_be_partial:
             return FULL
         worst = scores.max(0).values
         unstable = torch.nonzero(worst > self.token_threshold).flatten()
@@ -93,19 +115,23 @@ class StabilitySkip(Accelerator):
 
     def token_scores(self, i: int, x: torch.Tensor, history: History) -> torch.Tensor:
         """r * d2f averaged over channels: (batch, tokens), tokens being dim 1 of the sample."""
-        f = [self._drift(n, history.samples[n], history.eps[n]) for n in (i - 1, i - 2, i - 3)]
+        f = [self._drift(n, history) for n in (i - 1, i - 2, i - 3)]
         dtau = (self.solver.timesteps[i] - self.solver.timesteps[i - 1]) / self.solver.config.num_train_timesteps
         predicted = history.samples[i - 1] + dtau * (0.625 * f[0] + 0.75 * f[1] - 0.375 * f[2])
         residual = x - predicted
         curvature = f[0] - 2 * f[1] + f[2]
         return (residual * curvature).flatten(2).mean(2)
 
-    def _drift(self, n: int, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        t = self.solver.timesteps[n]
-        a_t, a_prev = self.solver.alpha_bar(t), self.solver.alpha_bar(t - 1)
+    def _drift(self, n: int, history: History) -> torch.Tensor:
+        if n not in self._drifts:  # a trajectory's history only grows, so step n's drift never changes
+            a, b = self._coefficients[n]
+            self._drifts[n] = history.samples[n] * a + history.eps[n] * b
+        return self._drifts[n]
+
+    def _drift_coefficients(self, t: int) -> tuple[float, float]:
+        a_t, a_prev = float(self.solver.alpha_bar(t)), float(self.solver.alpha_bar(t - 1))
         beta = self.solver.config.num_train_timesteps * (1 - a_t / a_prev)  # continuous-time beta(tau)
-        sigma = (1 - a_t).sqrt()
-        return (-0.5 * beta * x + 0.5 * beta / sigma * eps).to(x.dtype)
+        return -0.5 * beta, 0.5 * beta / (1 - a_t) ** 0.5
 
     def estimate(self, i: int, x: torch.Tensor, history: History) -> tuple[torch.Tensor, torch.Tensor]:
         return self.solver.predict(i, x, history.eps[-1], kind="epsilon")
