@@ -119,7 +119,8 @@ def configurations(policy, checkpoint: str, solver: str, steps: int, quick: bool
 
 
 def bac_params(cap: float, schedule: dict) -> dict:
-    return {"fraction_cap": cap, "budget": schedule["budget"], "bubble": len(schedule["bubbled"])}
+    bubble = "joint" if schedule["joint"] else len(schedule["bubbled"])  # joint: every block at the same steps
+    return {"fraction_cap": cap, "budget": schedule["budget"], "bubble": bubble}
 
 
 def action_mse(runners: list, observations: torch.Tensor) -> list[float]:

@@ -87,6 +87,14 @@ def test_fraction_cap_is_kept_and_the_least_error_candidate_wins():
     assert all(c["block_evals_fraction"] <= 0.3 for c in schedule["candidates"])
     assert len(seen) == len(schedule["candidates"]) > 1  # every distinct candidate was scored, once
     assert schedule["output_error"] == min(c["output_error"] for c in schedule["candidates"]) == error(schedule["blocks"])
+    assert sum(c["joint"] for c in schedule["candidates"]) == 1
+
+    def misaligned(blocks):  # an error that only schedules refreshing every block together avoid
+        return len({tuple(steps) for steps in blocks.values()})
+
+    joint = calibrate_to_fraction(outputs, 0.3, feed_forward, misaligned)
+    steps = list(joint["blocks"].values())
+    assert joint["joint"] and all(s == steps[0] for s in steps) and joint["block_evals_fraction"] <= 0.3
     with pytest.raises(ValueError, match="at most 0.010 of the blocks"):
         calibrate_to_fraction(outputs, 0.01, feed_forward, error)
 
