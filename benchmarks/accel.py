@@ -186,6 +186,27 @@ def merged(kept: list[dict], new: list[dict]) -> list[dict]:
     return [row for row in kept if key(row) not in again] + new
 
 
+ORDER = ("none", "uniform", "bac", "sada", "bac+sada")
+SHORT = {"fraction_cap": "cap", "max_consecutive": "run", "threshold": "thr", "tokenwise": "tok"}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as RESULTS.md shows them: one table per policy, solver setting by setting."""
+    def params(row):
+        return ", ".join(f"{SHORT.get(k, k)} {v}" for k, v in row["params"].items())
+
+    lines = ["| policy | solver | accel | params | speedup | blocks | model calls | action MSE | score | delta |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    ordered = sorted(rows, key=lambda r: (r["policy"], r["steps"], ORDER.index(r["accel"])))  # stable within accel
+    for r in ordered:
+        score = "" if r.get("score_mean") is None else f"{r['score_mean']:.3f}"
+        delta = "" if r.get("score_delta") is None else f"{r['score_delta']:+.3f}"
+        lines.append(f"| {r['policy']} | {r['solver']} {r['steps']} | {r['accel']} | {params(r)} | "
+                     f"{r['speedup']:.2f}x | {r['block_evals_fraction']:.3f} | {r['model_calls']:.1f} | "
+                     f"{r['action_mse']:.1e} | {score} | {delta} |")
+    return "\n".join(lines)
+
+
 def pareto_plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -224,7 +245,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes for the closed-loop episodes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for timing")
     parser.add_argument("--json", default="benchmarks/results/accel.json")
+    parser.add_argument("--report", action="store_true",
+                        help="measure nothing: print --json's rows as a markdown table and redraw its Pareto plot")
     args = parser.parse_args()
+    if args.report:
+        rows = json.loads(Path(args.json).read_text())["rows"]
+        print(markdown_table(rows))
+        pareto_plot(rows, Path(args.json).with_suffix(".png"))
+        return
     unknown = set(args.accels.split(",")) - {"uniform", "bac", "sada", "bac+sada"}
     if unknown:
         parser.error(f"unknown accelerator(s) in --accels: {', '.join(sorted(unknown))}")
