@@ -168,13 +168,24 @@ def measure_setting(checkpoint: str, solver_name: str, steps: int, args) -> list
         if args.episodes:
             report = evaluate(checkpoint, args.episodes, EVAL_SEED, solver_name, steps, accel=config.accel,
                               workers=args.workers, accel_options=config.options)
-            row.update(score_mean=report["score_mean"], success_rate=report["success_rate"], episodes=report["episodes"])
+            row.update(score_mean=report["score_mean"], success_rate=report["success_rate"], episodes=report["episodes"],
+                       scores=report["scores"])
         rows.append(row)
         print(f"  {config.label:<34} speedup {row['speedup']:5.2f}  blocks {row['block_evals_fraction']:.2f}  "
               f"mse {error:.2e}  score {row.get('score_mean', float('nan')):.3f}", flush=True)
     for row in rows:
         row["score_delta"] = row["score_mean"] - rows[0]["score_mean"] if args.episodes else None
+        row["score_delta_se"] = paired_standard_error(row["scores"], rows[0]["scores"]) if args.episodes else None
     return rows
+
+
+def paired_standard_error(scores: list[float], reference: list[float]) -> float:
+    """Standard error of the mean score difference over the same seeds: how far a delta is from noise.
+
+    Two configurations whose actions differ by 1e-5 still roll out differently (contact is chaotic), so
+    per-episode differences spread widely even when the policies are equally good."""
+    differences = np.asarray(scores) - np.asarray(reference)
+    return float(differences.std(ddof=1) / np.sqrt(len(differences))) if len(differences) > 1 else float("nan")
 
 
 def merged(kept: list[dict], new: list[dict]) -> list[dict]:
@@ -201,6 +212,8 @@ def markdown_table(rows: list[dict]) -> str:
     for r in ordered:
         score = "" if r.get("score_mean") is None else f"{r['score_mean']:.3f}"
         delta = "" if r.get("score_delta") is None else f"{r['score_delta']:+.3f}"
+        if r.get("score_delta_se") is not None and r["accel"] != "none":
+            delta += f" ± {r['score_delta_se']:.3f}"
         lines.append(f"| {r['policy']} | {r['solver']} {r['steps']} | {r['accel']} | {params(r)} | "
                      f"{r['speedup']:.2f}x | {r['block_evals_fraction']:.3f} | {r['model_calls']:.1f} | "
                      f"{r['action_mse']:.1e} | {score} | {delta} |")
