@@ -38,7 +38,7 @@ def test_always_stable_skips_only_inside_the_window(policy, max_consecutive, exp
 
 def test_a_skipped_step_reuses_the_last_noise_estimate_at_the_current_sample(policy):
     solver = policy.make_solver("ddim", 6)
-    accelerator = make_accelerator("sada", threshold=math.inf, window=(0.5, 0.7))  # skips step 3 only
+    accelerator = make_accelerator("sada", threshold=math.inf, window=(0.5, 0.7), max_consecutive=1)  # step 3 only
     seen = {}
 
     def denoiser(x, t, cond):
@@ -182,7 +182,7 @@ def test_selected_cross_attention_equals_full_cross_attention_at_those_tokens(tr
 
 def test_sada_plans_partial_calls_and_refreshes_after_max_partial(transformer):
     accelerator = make_accelerator("sada", threshold=-math.inf, token_threshold=math.inf, window=(0.3, 0.9),
-                                   max_partial=2)
+                                   tokenwise=True, max_partial=2)
     plans = []
     original = accelerator.plan_step
     accelerator.plan_step = lambda i, x, h: plans.append(original(i, x, h)) or plans[-1]
@@ -196,12 +196,12 @@ def test_sada_plans_partial_calls_and_refreshes_after_max_partial(transformer):
 
 def test_sada_without_partial_calls_is_exact_on_the_transformer(transformer):
     reference = run(transformer, None)  # first: once bound, the model refuses to run without its accelerator
-    exact = make_accelerator("sada", threshold=-math.inf, token_threshold=-math.inf)  # every token unstable
+    exact = make_accelerator("sada", threshold=-math.inf, token_threshold=-math.inf, tokenwise=True)  # all unstable
     torch.testing.assert_close(run(transformer, exact), reference, rtol=0, atol=0)
     assert exact.stats()["partial_steps"] == 0
 
 
 def test_unet_has_no_token_wise_path(policy):
-    accelerator = make_accelerator("sada", threshold=-math.inf, token_threshold=math.inf)
+    accelerator = make_accelerator("sada", threshold=-math.inf, token_threshold=math.inf, tokenwise=True)
     torch.testing.assert_close(run(policy, accelerator), run(policy, None), rtol=0, atol=0)
     assert accelerator.hooks is None and accelerator.stats()["partial_steps"] == 0
