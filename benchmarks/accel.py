@@ -189,9 +189,10 @@ def paired_standard_error(scores: list[float], reference: list[float]) -> float:
 
 
 def merged(kept: list[dict], new: list[dict]) -> list[dict]:
-    """Rows kept from an earlier run, less those measured again (same policy, solver, steps, label), then the new."""
+    """Rows kept from an earlier run, less every accelerator this run measured again for the same policy and
+    solver setting (its configurations may have changed), then the new rows."""
     def key(row):
-        return row["policy"], row["solver"], row["steps"], row["label"]
+        return row["policy"], row["solver"], row["steps"], row["accel"]
 
     again = {key(row) for row in new}
     return [row for row in kept if key(row) not in again] + new
@@ -251,7 +252,7 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(f"{s}{k}" for s, k in SETTINGS), help="e.g. ddim10,ddpm100")
     parser.add_argument("--accels", default="uniform,bac,sada,bac+sada", help="which accelerators (none always runs)")
     parser.add_argument("--merge", action="store_true",
-                        help="keep the rows already in --json, replacing those this run measures again")
+                        help="keep the rows already in --json but those of the accelerators this run measures again")
     parser.add_argument("--repeats", type=int, default=40, help="timed chunk inferences per configuration (>= 30)")
     parser.add_argument("--samples", type=int, default=32, help="held-out observations for action MSE")
     parser.add_argument("--episodes", type=int, default=50, help="closed-loop episodes per configuration (0: none)")
