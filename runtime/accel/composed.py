@@ -31,7 +31,7 @@ from runtime.accel.sada import StabilitySkip
 from runtime.solvers import History, Solver
 
 
-def skip_lattice(steps: int, window: tuple[float, float] = (0.2, 0.94), max_consecutive: int = 1) -> set[int]:
+def skip_lattice(steps: int, window: tuple[float, float] = (0.1, 0.97), max_consecutive: int = 2) -> set[int]:
     """The steps a bac+sada schedule leaves to SADA: inside SADA's window, from step 3 (its criterion needs three
     past steps), all but every (max_consecutive + 1)-th, which stays a call where BAC may refresh."""
     first, end = max(3, math.ceil(window[0] * steps)), math.ceil(window[1] * steps)

@@ -36,9 +36,9 @@ every trajectory, so batching requests never changes the answer for the worse.
 
 from __future__ import annotations
 
-import torch
-
 from collections.abc import Iterable
+
+import torch
 
 from runtime.accel.base import FULL, PARTIAL, SKIP, Accelerator
 from runtime.solvers import History, Solver
