@@ -267,7 +267,7 @@ def main() -> None:
         print(markdown_table(rows))
         pareto_plot(rows, Path(args.json).with_suffix(".png"))
         return
-    unknown = set(args.accels.split(",")) - {"uniform", "bac", "sada", "bac+sada"}
+    unknown = set(args.accels.split(",")) - set(ORDER[1:])
     if unknown:
         parser.error(f"unknown accelerator(s) in --accels: {', '.join(sorted(unknown))}")
     if args.quick:

@@ -152,9 +152,9 @@ def calibrate_to_fraction(outputs: dict[str, torch.Tensor], fraction: float, fee
     similarities = {name: similarity_matrix(value) for name, value in outputs.items()}
     errors = {name: reuse_error(value) for name, value in outputs.items()}
     steps = len(next(iter(similarities.values())))
-    max_budget = min(max(1, math.ceil(fraction * steps)), steps if allowed is None else len({0, *allowed}))
-    per_budget = {name: optimal_update_steps_per_budget(sim, max_budget, allowed)
+    per_budget = {name: optimal_update_steps_per_budget(sim, math.ceil(fraction * steps), allowed)
                   for name, sim in similarities.items()}
+    max_budget = len(next(iter(per_budget.values())))  # the programme caps it at the steps that may refresh
     candidates = []
     for bubble in range(len(outputs) + 1):
         fitting = None
