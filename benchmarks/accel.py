@@ -14,8 +14,10 @@ BAC+SADA), against `none` measured in the same process:
 - score_mean and score_delta: closed-loop PushT over the same seeded episodes.
 
 BAC schedules are calibrated here, one per cap on the fraction of block
-evaluations (`calibrate_to_fraction`), on the calibration observations
-(seed 0); fidelity uses other observations (seed 1). bac+sada gets its own
+evaluations (`calibrate_to_fraction`, its candidates from both objectives:
+feature similarity and similarity weighted by each step's measured
+sensitivity), on the calibration observations (seed 0); fidelity uses other
+observations (seed 1). bac+sada gets its own
 schedules at the same caps, with refreshes kept off the steps SADA may skip.
 """
 
@@ -34,6 +36,7 @@ import torch
 
 from policies.accelerate import (
     bac_output_error,
+    bac_step_sensitivity,
     calibration_observations,
     feed_forward_blocks,
     policy_accelerator,
@@ -99,9 +102,10 @@ def configurations(policy, checkpoint: str, solver: str, steps: int, quick: bool
         return [c for c in configs if c.accel == "none" or c.accel in accels]
     outputs = record_calibration(policy, solver, steps, DEMOS_PATH)  # once: every cap calibrates on it
     error = bac_output_error(policy, solver, steps, DEMOS_PATH)
+    sensitivity = bac_step_sensitivity(policy, solver, steps, DEMOS_PATH)
     feed_forward, weights = feed_forward_blocks(policy.denoiser), checkpoint_hash(checkpoint)
-    schedules = {cap: {**calibrate_to_fraction(outputs, cap, feed_forward, error), "solver": solver,
-                       "checkpoint_sha256": weights} for cap in caps}
+    schedules = {cap: {**calibrate_to_fraction(outputs, cap, feed_forward, error, None, sensitivity),
+                       "solver": solver, "checkpoint_sha256": weights} for cap in caps}
     configs += [Config("bac", bac_params(cap, s), {"schedule": s}) for cap, s in schedules.items()]
     # bac+sada: at each cap, a schedule whose refreshes stay off the lattice of steps SADA may skip, in runs of
     # one or two (`skip_lattice`), with the step-skipping SADA threshold and window; quick: one of them.
@@ -109,8 +113,8 @@ def configurations(policy, checkpoint: str, solver: str, steps: int, quick: bool
         for max_consecutive in (1, 2) if not quick else (2,):
             skippable = skip_lattice(steps, COMPOSED_WINDOW, max_consecutive)
             allowed = set(range(steps)) - skippable
-            schedule = {**calibrate_to_fraction(outputs, cap, feed_forward, error, allowed), "solver": solver,
-                        "checkpoint_sha256": weights, "skippable": sorted(skippable)}
+            schedule = {**calibrate_to_fraction(outputs, cap, feed_forward, error, allowed, sensitivity),
+                        "solver": solver, "checkpoint_sha256": weights, "skippable": sorted(skippable)}
             config = sada_config("bac+sada", COMPOSED_THRESHOLD, max_consecutive, COMPOSED_WINDOW, False,
                                  schedule=schedule)
             config.params = {**bac_params(cap, schedule), **config.params}
@@ -120,7 +124,8 @@ def configurations(policy, checkpoint: str, solver: str, steps: int, quick: bool
 
 def bac_params(cap: float, schedule: dict) -> dict:
     bubble = "joint" if schedule["joint"] else len(schedule["bubbled"])  # joint: every block at the same steps
-    return {"fraction_cap": cap, "budget": schedule["budget"], "bubble": bubble}
+    objective = "weighted" if schedule.get("objective") == "sensitivity-weighted" else "similarity"
+    return {"fraction_cap": cap, "budget": schedule["budget"], "bubble": bubble, "objective": objective}
 
 
 def action_mse(runners: list, observations: torch.Tensor) -> list[float]:
@@ -199,7 +204,7 @@ def merged(kept: list[dict], new: list[dict]) -> list[dict]:
 
 
 ORDER = ("none", "uniform", "bac", "sada", "bac+sada")
-SHORT = {"fraction_cap": "cap", "max_consecutive": "run", "threshold": "thr", "tokenwise": "tok"}
+SHORT = {"fraction_cap": "cap", "max_consecutive": "run", "threshold": "thr", "tokenwise": "tok", "objective": "obj"}
 
 
 def markdown_table(rows: list[dict]) -> str:

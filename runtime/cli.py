@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     size = calibrate.add_mutually_exclusive_group()
     size.add_argument("--budget", type=int, help="update steps per block before bubbling (default 4)")
     size.add_argument("--fraction", type=float,
-                      help="at most this fraction of block evaluations; budget and bubbling chosen by action error")
+                      help="at most this fraction of block evaluations; budget, bubbling and objective (similarity, "
+                           "or similarity weighted by each step's measured sensitivity) chosen by action error")
     calibrate.add_argument("--bubble", type=int, default=5, help="with --budget: blocks given downstream feed-forward updates")
     calibrate.add_argument("--window", type=float, nargs=2, default=(0.1, 0.97), metavar=("LO", "HI"),
                            help="bac+sada: the part of the trajectory SADA may skip in")

@@ -16,6 +16,7 @@ from runtime.accel.bac import (
     optimal_update_steps_per_budget,
     record_block_outputs,
     similarity_matrix,
+    step_sensitivity,
 )
 
 
@@ -48,6 +49,46 @@ def test_scheduler_is_exact_when_only_some_steps_may_refresh(seed):
         best = max(reuse_score(similarity, [0, *rest])
                    for rest in itertools.combinations(sorted(allowed - {0}), budget - 1))
         assert reuse_score(similarity, chosen) == pytest.approx(best)
+
+
+def weighted_cost(similarity, weights, updates):
+    bounds = [*updates, len(similarity)]
+    return sum(weights[k] * (1 - similarity[i, k]) for i, j in zip(bounds, bounds[1:]) for k in range(i + 1, j))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_weighted_scheduler_is_exact(seed):
+    rng = np.random.default_rng(seed)
+    steps = 8
+    similarity, weights = rng.uniform(-1, 1, (steps, steps)), rng.exponential(size=steps)
+    for budget in range(1, steps + 1):
+        chosen = optimal_update_steps(similarity, budget, weights=weights)
+        best = min(weighted_cost(similarity, weights, [0, *rest])
+                   for rest in itertools.combinations(range(1, steps), budget - 1))
+        assert weighted_cost(similarity, weights, chosen) == pytest.approx(best)
+
+
+def test_sensitive_steps_draw_the_updates():
+    # Features drift at the same rate throughout; only the last step's error reaches the output.
+    steps = 10
+    similarity = np.fromfunction(lambda i, k: 0.9 ** np.abs(k - i), (steps, steps))
+    assert optimal_update_steps(similarity, 2) == [0, 5]
+    weights = np.full(steps, 1e-3)
+    weights[-1] = 1.0
+    assert optimal_update_steps(similarity, 2, weights=weights) == [0, steps - 1]
+
+
+def test_step_sensitivity_reuses_one_step_at_a_time():
+    runs = []
+
+    def error(blocks):
+        runs.append(blocks)
+        missing = set(range(5)) - set(blocks["a"])
+        return 10.0 ** next(iter(missing))
+
+    assert step_sensitivity(["a", "b"], 5, error) == [0.0, 10.0, 100.0, 1000.0, 10000.0]
+    assert [sorted(set(range(5)) - set(run["b"])) for run in runs] == [[1], [2], [3], [4]]
+    assert all(run["a"] == run["b"] for run in runs)
 
 
 def test_scheduler_refreshes_where_features_change():
@@ -97,6 +138,25 @@ def test_fraction_cap_is_kept_and_the_least_error_candidate_wins():
     assert joint["joint"] and all(s == steps[0] for s in steps) and joint["block_evals_fraction"] <= 0.3
     with pytest.raises(ValueError, match="at most 0.010 of the blocks"):
         calibrate_to_fraction(outputs, 0.01, feed_forward, error)
+
+
+def test_sensitivity_adds_weighted_candidates_and_the_least_error_one_wins():
+    rng = np.random.default_rng(4)
+    outputs = {name: torch.from_numpy(rng.normal(size=(20, 2, 6)).cumsum(0)).float() for name in ("a", "b")}
+    sensitivity = [0.0] * 19 + [1.0]  # only the last step matters
+
+    def last_step_error(blocks):  # the action error such a model would show: reuse at the last step costs
+        return sum(19 not in steps for steps in blocks.values()) + 0.001 * sum(map(len, blocks.values()))
+
+    plain = calibrate_to_fraction(outputs, 0.2, set(), last_step_error)
+    weighted = calibrate_to_fraction(outputs, 0.2, set(), last_step_error, sensitivity=sensitivity)
+    assert {c["objective"] for c in plain["candidates"]} == {"similarity"}
+    assert {c["objective"] for c in weighted["candidates"]} == {"similarity", "sensitivity-weighted"}
+    assert weighted["objective"] == "sensitivity-weighted" and weighted["output_error"] < plain["output_error"]
+    assert all(19 in steps for steps in weighted["blocks"].values())
+    assert weighted["step_sensitivity"] == sensitivity and weighted["block_evals_fraction"] <= 0.2
+    with pytest.raises(ValueError, match="19 entries for 20 steps"):
+        calibrate_to_fraction(outputs, 0.2, set(), last_step_error, sensitivity=sensitivity[1:])
 
 
 @pytest.fixture
@@ -174,6 +234,8 @@ def test_a_bac_sada_schedule_keeps_refreshes_off_the_steps_sada_may_skip(tiny_po
     lattice = skip_lattice(10, **sada)
     assert schedule["skippable"] == sorted(lattice) and schedule["block_evals_fraction"] <= 0.5
     assert not any(lattice & set(steps) for steps in schedule["blocks"].values())
+    sensitivity = schedule["step_sensitivity"]  # measured on the tiny model: one run per step, step 0 always computes
+    assert len(sensitivity) == 10 and sensitivity[0] == 0 and all(s > 0 for s in sensitivity[1:])
     accelerator = policy_accelerator("bac+sada", str(folder), "ddim", 10)
     assert accelerator.skipper.skippable == lattice and accelerator.skipper.max_consecutive == 2
     with pytest.raises(FileNotFoundError, match="calibrate bac\\+sada"):

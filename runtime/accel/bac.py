@@ -11,6 +11,14 @@ checkpoint, tied to the weights' hash, loaded by `BACache` at run time.
 Similarity variant (NOTES.md: paper and code differ): we score the cached
 step against every step that reuses it, as the official code does, since
 that is the error the cache actually makes; the paper scores adjacent steps.
+
+rtdiff's addition (`calibrate_to_fraction` with a `step_sensitivity`): feature
+similarity says nothing about how far a stale feature at step k reaches the
+action. On the PushT policies almost all of it comes from the last steps
+(DDPM 100, UNet: reusing at step 99 alone costs 3.5e-4 action MSE, at step 50
+5e-7), because no later model call can correct them. The programme can weight
+each step's dissimilarity by that measured sensitivity; both objectives offer
+candidates and the measured action error picks.
 """
 
 from __future__ import annotations
@@ -63,28 +71,32 @@ def similarity_matrix(outputs: torch.Tensor) -> np.ndarray:
     return torch.einsum("ibf,kbf->ikb", unit, unit).mean(-1).numpy()
 
 
-def optimal_update_steps(similarity: np.ndarray, budget: int, allowed: set[int] | None = None) -> list[int]:
+def optimal_update_steps(similarity: np.ndarray, budget: int, allowed: set[int] | None = None,
+                         weights: np.ndarray | None = None) -> list[int]:
     """The `budget` update steps (step 0 always among them) that maximise the summed similarity of reuse."""
-    return optimal_update_steps_per_budget(similarity, budget, allowed)[-1]
+    return optimal_update_steps_per_budget(similarity, budget, allowed, weights)[-1]
 
 
-def optimal_update_steps_per_budget(similarity: np.ndarray, max_budget: int,
-                                    allowed: set[int] | None = None) -> list[list[int]]:
+def optimal_update_steps_per_budget(similarity: np.ndarray, max_budget: int, allowed: set[int] | None = None,
+                                    weights: np.ndarray | None = None) -> list[list[int]]:
     """The optimal update steps for every budget 1 .. max_budget, from one dynamic programme.
 
     A segment [i, j) computes at step i and serves steps i+1 .. j-1 from that
-    output, scoring sum_k S[i, k]. best[m, j] is the best score of covering
-    steps [0, j) with m segments; budget m's answer is best[m, K], traced back.
-    `allowed` restricts the update steps (step 0 always computes).
+    output, scoring -sum_k w_k (1 - S[i, k]). With every weight 1 (the paper's
+    objective) that is sum_k S[i, k] less the number of reused steps, which a
+    budget fixes, so the choice is BAC's. best[m, j] is the best score of
+    covering steps [0, j) with m segments; budget m's answer is best[m, K],
+    traced back. `allowed` restricts the update steps (step 0 always computes).
     """
     steps = len(similarity)
     allowed = set(range(steps)) if allowed is None else {0} | {i for i in allowed if 0 <= i < steps}
     max_budget = min(max(max_budget, 1), len(allowed))
-    # reuse[i, j] = sum of S[i, k] for i < k < j; no segment may start at a step that cannot update
+    weights = np.ones(steps) if weights is None else np.asarray(weights, dtype=float)
+    # reuse[i, j] = -sum of w_k (1 - S[i, k]) for i < k < j; no segment may start at a step that cannot update
     reuse = np.full((steps, steps + 1), -np.inf)
     for i in sorted(allowed):
         reuse[i, i + 1] = 0.0
-        reuse[i, i + 2 :] = np.cumsum(similarity[i, i + 1 :])[: steps - i - 1]
+        reuse[i, i + 2 :] = -np.cumsum(weights[i + 1 :] * (1.0 - similarity[i, i + 1 :]))[: steps - i - 1]
     best = np.full((max_budget + 1, steps + 1), -np.inf)
     choice = np.zeros((max_budget + 1, steps + 1), dtype=int)
     best[1, 1:] = reuse[0, 1:]
@@ -134,8 +146,29 @@ def calibrate(outputs: dict[str, torch.Tensor], budget: int, feed_forward: set[s
     return _schedule(per_block, similarities, errors, feed_forward, budget, bubble)
 
 
+def step_sensitivity(names: list[str], steps: int, output_error) -> list[float]:
+    """s[k]: `output_error` when every block computes at every step but k and reuses step k-1's output there.
+
+    s[0] = 0: step 0 always computes. One calibration run per step."""
+    return [0.0] + [float(output_error({name: [i for i in range(steps) if i != k] for name in names}))
+                    for k in range(1, steps)]
+
+
+def sensitivity_weights(sensitivity: list[float], similarities: dict[str, np.ndarray]) -> np.ndarray:
+    """w_k: action error per unit of feature dissimilarity at step k, normalised to mean 1.
+
+    The sensitivity run stood in step k-1's features for step k's, a dissimilarity
+    of 1 - S[k-1, k] (mean over blocks); a first-order model of the action error
+    of any schedule is then the sum over reused steps of w_k (1 - S[i, k])."""
+    joint = np.mean(list(similarities.values()), axis=0)
+    dissimilarity = np.array([1.0] + [1.0 - joint[k - 1, k] for k in range(1, len(joint))])
+    weights = np.asarray(sensitivity, dtype=float) / np.maximum(dissimilarity, 1e-9)
+    return weights / weights.mean() if weights.mean() > 0 else np.ones(len(joint))
+
+
 def calibrate_to_fraction(outputs: dict[str, torch.Tensor], fraction: float, feed_forward: set[str],
-                          output_error, allowed: set[int] | None = None) -> dict:
+                          output_error, allowed: set[int] | None = None,
+                          sensitivity: list[float] | None = None) -> dict:
     """BAC under a cap on block evaluations, the bubbling union's size chosen by the error it leaves.
 
     For each union size n (0 .. every block) the largest per-block budget whose
@@ -148,41 +181,63 @@ def calibrate_to_fraction(outputs: dict[str, torch.Tensor], fraction: float, fee
     refreshes at the same steps, chosen by the same programme on the blocks'
     mean similarity. On the UNet, whose blocks all feed forward into each
     other, per-block schedules at DDIM 10 left ten times uniform caching's error.
+
+    With `sensitivity` (`step_sensitivity`) every candidate is made a second time
+    from the sensitivity-weighted programme (`sensitivity_weights`), and the
+    action error chooses among all of them.
     """
     similarities = {name: similarity_matrix(value) for name, value in outputs.items()}
     errors = {name: reuse_error(value) for name, value in outputs.items()}
     steps = len(next(iter(similarities.values())))
-    per_budget = {name: optimal_update_steps_per_budget(sim, math.ceil(fraction * steps), allowed)
-                  for name, sim in similarities.items()}
-    max_budget = len(next(iter(per_budget.values())))  # the programme caps it at the steps that may refresh
+    objectives = {"similarity": None}
+    if sensitivity is not None:
+        if len(sensitivity) != steps:
+            raise ValueError(f"step sensitivity has {len(sensitivity)} entries for {steps} steps")
+        objectives["sensitivity-weighted"] = sensitivity_weights(sensitivity, similarities)
     candidates = []
-    for bubble in range(len(outputs) + 1):
-        fitting = None
-        for budget in range(1, max_budget + 1):
-            per_block = {name: choices[budget - 1] for name, choices in per_budget.items()}
-            schedule = _schedule(per_block, similarities, errors, feed_forward, budget, bubble)
-            if schedule["block_evals_fraction"] <= fraction + 1e-9:
-                fitting = schedule
-        if fitting is not None and all(fitting["blocks"] != c["blocks"] for c in candidates):
-            candidates.append(fitting)
-    joint_budget = min(max_budget, math.floor(fraction * steps + 1e-9))
-    if joint_budget >= 1:
-        joint_similarity = np.mean(list(similarities.values()), axis=0)
-        joint_steps = optimal_update_steps(joint_similarity, joint_budget, allowed)
-        joint = _schedule({name: joint_steps for name in outputs}, similarities, errors, feed_forward,
-                          len(joint_steps), 0)
-        if all(joint["blocks"] != c["blocks"] for c in candidates):
-            candidates.append({**joint, "joint": True})
+    for objective, weights in objectives.items():
+        for candidate in _candidates_within(fraction, similarities, errors, feed_forward, allowed, weights):
+            if all(candidate["blocks"] != c["blocks"] for c in candidates):
+                candidates.append({**candidate, "objective": objective})
     if not candidates:
         raise ValueError(f"no BAC schedule evaluates at most {fraction:.3f} of the blocks (one update each is "
                          f"{1 / steps:.3f} plus what bubbling adds)")
     scored = [(float(output_error(c["blocks"])), c) for c in candidates]
     error, chosen = min(scored, key=lambda pair: pair[0])
     chosen.update(fraction_cap=fraction, output_error=error,
-                  candidates=[{"budget": c["budget"], "bubble": len(c["bubbled"]), "joint": c["joint"],
-                               "block_evals_fraction": c["block_evals_fraction"], "output_error": e}
-                              for e, c in scored])
+                  candidates=[{"objective": c["objective"], "budget": c["budget"], "bubble": len(c["bubbled"]),
+                               "joint": c["joint"], "block_evals_fraction": c["block_evals_fraction"],
+                               "output_error": e} for e, c in scored])
+    if sensitivity is not None:
+        chosen["step_sensitivity"] = [float(x) for x in sensitivity]
     return chosen
+
+
+def _candidates_within(fraction: float, similarities: dict, errors: dict, feed_forward: set[str],
+                       allowed: set[int] | None, weights: np.ndarray | None) -> list[dict]:
+    """Per union size, the largest per-block budget within `fraction`; then the joint schedule."""
+    steps = len(next(iter(similarities.values())))
+    per_budget = {name: optimal_update_steps_per_budget(sim, math.ceil(fraction * steps), allowed, weights)
+                  for name, sim in similarities.items()}
+    max_budget = len(next(iter(per_budget.values())))  # the programme caps it at the steps that may refresh
+    candidates = []
+    for bubble in range(len(similarities) + 1):
+        fitting = None
+        for budget in range(1, max_budget + 1):
+            per_block = {name: choices[budget - 1] for name, choices in per_budget.items()}
+            schedule = _schedule(per_block, similarities, errors, feed_forward, budget, bubble)
+            if schedule["block_evals_fraction"] <= fraction + 1e-9:
+                fitting = schedule
+        if fitting is not None:
+            candidates.append(fitting)
+    joint_budget = min(max_budget, math.floor(fraction * steps + 1e-9))
+    if joint_budget >= 1:
+        joint_similarity = np.mean(list(similarities.values()), axis=0)
+        joint_steps = optimal_update_steps(joint_similarity, joint_budget, allowed, weights)
+        joint = _schedule({name: joint_steps for name in similarities}, similarities, errors, feed_forward,
+                          len(joint_steps), 0)
+        candidates.append({**joint, "joint": True})
+    return candidates
 
 
 def _schedule(per_block: dict, similarities: dict, errors: dict, feed_forward: set[str], budget: int,
@@ -246,6 +301,10 @@ def plot_schedule(schedule: dict, path: Path) -> None:
     curves.set_xlabel("solver step")
     curves.set_ylabel("cosine similarity to previous step")
     curves.legend(fontsize=5, ncol=2)
+    if schedule.get("step_sensitivity"):
+        sensitivity = curves.twinx()
+        sensitivity.semilogy(range(1, steps), schedule["step_sensitivity"][1:], "k--", linewidth=1.5)
+        sensitivity.set_ylabel("action error of reusing at this step alone (dashed)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
