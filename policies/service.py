@@ -25,7 +25,8 @@ class PolicyService:
     batchable = True
 
     def __init__(self, checkpoint: str, solver: str = "ddim", steps: int = 10, accel: str = "none", seed: int = 0,
-                 backend: str = "torch", batch_sizes: tuple[int, ...] = (1, 4, 16), threads: int = 1):
+                 backend: str = "torch", batch_sizes: tuple[int, ...] = (1, 4, 16), threads: int = 1,
+                 accel_options: dict | None = None):
         from export.backends import with_backend
 
         self.checkpoint = str(checkpoint)
@@ -33,7 +34,8 @@ class PolicyService:
         self.policy = with_backend(load_policy(checkpoint), checkpoint, backend, solver, steps, accel, batch_sizes,
                                    threads)
         self.solver = self.policy.make_solver(solver, steps)
-        self.accelerator = policy_accelerator(accel, checkpoint, solver, steps)
+        self.accel_options = dict(accel_options or {})
+        self.accelerator = policy_accelerator(accel, checkpoint, solver, steps, **self.accel_options)
         self.solver_name, self.steps, self.accel, self.backend = solver, steps, accel, backend
         self.generator = torch.Generator().manual_seed(seed)
         config = self.policy.config
@@ -55,6 +57,7 @@ class PolicyService:
             "solver": self.solver_name,
             "steps": self.steps,
             "accel": self.accel,
+            "accel_options": self.accel_options,
             "backend": self.backend,
         }
 

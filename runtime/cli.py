@@ -98,14 +98,23 @@ def cmd_eval(args) -> None:
     from policies.evaluate import evaluate, format_table
 
     args.checkpoint = args.checkpoint or f"{args.task}-unet"
+    options = _accel_options(args)
     report = evaluate(args.checkpoint, args.episodes, args.seed, args.solver, args.steps, accel=args.accel,
-                      workers=args.workers, task=args.task, backend=args.backend)
+                      workers=args.workers, accel_options=options, task=args.task, backend=args.backend)
+    report["accel_options"] = options
     print(format_table([report]))
     _write_json(args.json, report)
 
 
+def _accel_options(args) -> dict:
+    from runtime.accel import parse_options
+
+    return parse_options(args.accel, args.accel_option)
+
+
 @contextlib.contextmanager
-def _local_server(task: str, checkpoint: str, solver: str, steps: int, accel: str, backend: str):
+def _local_server(task: str, checkpoint: str, solver: str, steps: int, accel: str, backend: str,
+                  accel_options: list[str]):
     """A server process for one policy on a private ipc socket; yields its address, stops it after."""
     import signal
     import subprocess
@@ -115,7 +124,8 @@ def _local_server(task: str, checkpoint: str, solver: str, steps: int, accel: st
         address = f"ipc://{workdir}/server.ipc"
         server = subprocess.Popen(
             [sys.executable, "-m", "runtime.cli", "serve", "--model", f"{task}={checkpoint}", "--bind", address,
-             "--solver", solver, "--steps", str(steps), "--accel", accel, "--threads", "1", "--backend", backend],
+             "--solver", solver, "--steps", str(steps), "--accel", accel, "--threads", "1", "--backend", backend,
+             *(f"--accel-option={pair}" for pair in accel_options)],
             stdout=subprocess.PIPE, text=True)
         try:
             line = server.stdout.readline()
@@ -135,7 +145,9 @@ def cmd_demo(args) -> None:
     import subprocess
 
     checkpoint = args.checkpoint or f"{args.task}-unet"
-    with _local_server(args.task, checkpoint, args.solver, args.steps, args.accel, args.backend) as address:
+    _accel_options(args)  # a bad option fails here, not in the server process
+    with _local_server(args.task, checkpoint, args.solver, args.steps, args.accel, args.backend,
+                       args.accel_option) as address:
         sim = subprocess.run(
             [sys.executable, "-m", "runtime.cli", "sim", args.task, "--server", address, "--episodes",
              str(args.episodes), "--seed", str(args.seed), "--workers", str(args.workers), "--video", args.video,
@@ -191,6 +203,7 @@ def cmd_serve(args) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
+    options = _accel_options(args)
     services = {}
     for spec in args.model:
         name, sep, checkpoint = spec.partition("=")
@@ -199,7 +212,7 @@ def cmd_serve(args) -> None:
         # an exported backend is built for these batch sizes (static shapes); batches between run padded up
         batch_sizes = tuple(sorted({1, min(4, args.max_batch), min(16, args.max_batch), args.max_batch}))
         services[name] = PolicyService(checkpoint, args.solver, args.steps, args.accel, backend=args.backend,
-                                       batch_sizes=batch_sizes, threads=args.threads)
+                                       batch_sizes=batch_sizes, threads=args.threads, accel_options=options)
     config = ServerConfig(bind=args.bind, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, curve_dir=args.curve)
     server = Server(services, config)
     print(f"serving {', '.join(f'{n}={s.checkpoint}' for n, s in services.items())} on {server.address} "
@@ -220,7 +233,9 @@ def cmd_sim(args) -> None:
         report = run(args.server)
     else:  # a server of our own, for this policy on this backend
         checkpoint = args.checkpoint or f"{args.task}-unet"
-        with _local_server(args.task, checkpoint, args.solver, args.steps, args.accel, args.backend) as address:
+        _accel_options(args)
+        with _local_server(args.task, checkpoint, args.solver, args.steps, args.accel, args.backend,
+                           args.accel_option) as address:
             report = run(address)
     print(format_remote_table(report))
     _write_json(args.json, report)
@@ -281,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--solver", default="ddim", help="ddim | ddpm | dpmpp")
         sub.add_argument("--steps", type=int, default=10)
         sub.add_argument("--accel", default="none", help="none | uniform | bac | sada | bac+sada (bac, bac+sada: `rtdiff calibrate` first)")
+        sub.add_argument("--accel-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="an accelerator option, VALUE in JSON, e.g. threshold=0.02 or window=[0.1,0.9] (repeatable)")
         sub.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt (exported and built on first use, cached)")
         sub.add_argument("--json")
 
@@ -334,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--solver", default="ddim")
     serve.add_argument("--steps", type=int, default=10)
     serve.add_argument("--accel", default="none")
+    serve.add_argument("--accel-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="an accelerator option, VALUE in JSON, e.g. threshold=0.02 or window=[0.1,0.9] (repeatable)")
     serve.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt")
     serve.add_argument("--max-batch", type=int, default=16, help="1 turns dynamic batching off")
     serve.add_argument("--max-wait-ms", type=float, default=0.0,
@@ -360,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--solver", default="ddim")
     local.add_argument("--steps", type=int, default=10)
     local.add_argument("--accel", default="none")
+    local.add_argument("--accel-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="an accelerator option, VALUE in JSON, e.g. threshold=0.02 or window=[0.1,0.9] (repeatable)")
     sim.set_defaults(run=cmd_sim)
 
     keys = commands.add_parser("keys", help="make CURVE certificates for the server and one client")

@@ -1,9 +1,11 @@
 """Accelerator hooks: attached from outside, exact when they compute everything, honest in what they count."""
 
+import re
+
 import pytest
 import torch
 
-from runtime.accel import Accelerator, UniformCache, make_accelerator
+from runtime.accel import Accelerator, UniformCache, make_accelerator, parse_options
 from runtime.accel.hooks import CacheHooks
 
 def chunk(policy, accelerator=None, steps=10, seed=0):
@@ -73,3 +75,38 @@ def test_a_hooked_model_refuses_to_run_without_its_accelerator(policy):
         chunk(policy)  # its blocks would replay the last plan of an accelerator that is not there
     accelerator.unbind()
     chunk(policy)
+
+
+def test_accelerator_options_parse_as_json_and_reach_the_accelerator():
+    options = parse_options("sada", ["threshold=0.05", "window=[0.2, 0.9]", "tokenwise=true", "max_consecutive=3"])
+    assert options == {"threshold": 0.05, "window": [0.2, 0.9], "tokenwise": True, "max_consecutive": 3}
+    sada = make_accelerator("sada", **options)
+    assert (sada.threshold, sada.window, sada.tokenwise, sada.max_consecutive) == (0.05, (0.2, 0.9), True, 3)
+    assert make_accelerator("uniform", **parse_options("uniform", ["interval=4"])).interval == 4
+
+
+@pytest.mark.parametrize("name, pairs, message", [
+    ("sada", ["speed=2"], "accelerator 'sada' has no option 'speed'; it takes: threshold, window"),
+    ("none", ["interval=2"], "accelerator 'none' has no option 'interval'; it takes: none"),
+    ("bac", ["schedule={}"], "accelerator 'bac' has no option 'schedule'"),
+    ("sada", ["threshold"], "an accelerator option is KEY=VALUE, got 'threshold'"),
+    ("sada", ["threshold=high"], "option threshold: 'high' is not a JSON value"),
+    ("warp", [], "unknown accelerator 'warp'"),
+])
+def test_bad_accelerator_options_are_named(name, pairs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_options(name, pairs)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("sada", {"window": [0.9, 0.1]}, "window must be two fractions of the trajectory"),
+    ("sada", {"window": [0.1]}, "window must be two fractions"),
+    ("sada", {"threshold": "0.1"}, "threshold must be a number, got '0.1'"),
+    ("sada", {"tokenwise": 1}, "tokenwise must be true or false, got 1"),
+    ("sada", {"max_consecutive": 1.5}, "max_consecutive must be an integer >= 1, got 1.5"),
+    ("sada", {"max_partial": -1}, "max_partial must be an integer >= 0"),
+    ("uniform", {"interval": 2.5}, "uniform cache interval must be an integer >= 1, got 2.5"),
+])
+def test_accelerator_options_of_the_wrong_kind_are_refused_by_name(name, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_accelerator(name, **options)

@@ -53,3 +53,18 @@ def test_malformed_checkpoint(tmp_path):
 
 def test_unknown_solver():
     assert_one_error_line(rtdiff("eval", "pusht", "--solver", "euler", "--episodes", "1"), "unknown solver 'euler'")
+
+
+def test_accelerator_options_reach_the_evaluated_accelerator(tmp_path):
+    out = tmp_path / "eval.json"
+    result = rtdiff("eval", "pusht", "--episodes", "1", "--steps", "10", "--accel", "uniform",
+                    "--accel-option", "interval=3", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["accel_options"] == {"interval": 3}
+    assert report["block_evals_fraction"] == pytest.approx(0.4)  # steps 0, 3, 6, 9 of 10 (interval 2 gives 0.5)
+
+
+def test_unknown_accelerator_option():
+    assert_one_error_line(rtdiff("eval", "pusht", "--episodes", "1", "--accel", "sada", "--accel-option", "speed=2"),
+                          "accelerator 'sada' has no option 'speed'")

@@ -129,3 +129,23 @@ def test_curve_admits_only_clients_with_the_keys(tiny_checkpoint, tmp_path):
             assert friend.stats()["counts"]["received"] == 2  # the strangers' messages never reached it
     finally:
         server.kill()
+
+
+def test_served_accelerator_takes_its_options_from_the_command_line(tiny_checkpoint):
+    from runtime.client import Client
+
+    address = free_address()
+    server = start_server(tiny_checkpoint, address, "--accel", "uniform", "--accel-option", "interval=4")
+    try:
+        with Client(address, model="tiny", timeout_ms=20_000) as client:
+            assert client.info()["models"]["tiny"]["accel_options"] == {"interval": 4}
+            client.act(np.full((2, 5), 100.0, np.float32))
+            # 4 steps, blocks computed at step 0 only (the default interval, 2, would give 0.5)
+            assert client.stats()["models"]["tiny"]["block_evals_fraction"] == pytest.approx(0.25)
+    finally:
+        server.kill()
+    refused = subprocess.run([sys.executable, "-m", "runtime.cli", "serve", "--model", f"tiny={tiny_checkpoint}",
+                              "--accel", "uniform", "--accel-option", "interval=0"], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and refused.stderr.strip() == \
+        "rtdiff: error: uniform cache interval must be an integer >= 1, got 0"

@@ -22,6 +22,7 @@ FULL, PARTIAL, SKIP = "full", "partial", "skip"
 class Accelerator:
     name = "none"
     uses_block_cache = False
+    options: tuple[str, ...] = ()  # what a user may set (`--accel-option`); schedules and solvers come from elsewhere
 
     def __init__(self):
         self.hooks: CacheHooks | None = None
@@ -85,11 +86,12 @@ class UniformCache(Accelerator):
 
     name = "uniform"
     uses_block_cache = True
+    options = ("interval",)
 
     def __init__(self, interval: int = 2):
         super().__init__()
-        if interval < 1:
-            raise ValueError(f"uniform cache interval must be >= 1, got {interval}")
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"uniform cache interval must be an integer >= 1, got {interval!r}")
         self.interval = interval
 
     def should_compute(self, block: str, i: int) -> bool:

@@ -41,6 +41,7 @@ def skip_lattice(steps: int, window: tuple[float, float] = (0.1, 0.97), max_cons
 class BACWithSADA(Accelerator):
     name = "bac+sada"
     uses_block_cache = True
+    options = StabilitySkip.options  # the block schedule comes from `rtdiff calibrate bac+sada`
 
     def __init__(self, schedule: dict, solver: str, steps: int, checkpoint_hash: str | None = None, **sada_options):
         super().__init__()
@@ -48,8 +49,7 @@ class BACWithSADA(Accelerator):
         refreshing = set().union(*self.cache.updates.values())
         skippable = set(schedule.get("skippable", range(steps))) - refreshing
         # SADA's window and run length default to those the schedule's lattice was built for
-        lattice = {k: tuple(v) if k == "window" else v for k, v in schedule.get("sada", {}).items()}
-        self.skipper = StabilitySkip(**{**lattice, **sada_options}, skippable=skippable)
+        self.skipper = StabilitySkip(**{**schedule.get("sada", {}), **sada_options}, skippable=skippable)
 
     def bind(self, denoiser):
         self.cache.bind(denoiser)

@@ -46,6 +46,7 @@ from runtime.solvers import History, Solver
 
 class StabilitySkip(Accelerator):
     name = "sada"
+    options = ("threshold", "window", "max_consecutive", "tokenwise", "token_threshold", "max_partial")
 
     # Defaults from benchmarks/accel.py on both PushT policies (RESULTS.md): against SADA's own (threshold 0, window
     # (0.2, 0.94), one skip in a row, token-wise calls) they took DDIM 10 from 1.23x to 2.0x on the transformer and
@@ -55,10 +56,9 @@ class StabilitySkip(Accelerator):
                  tokenwise: bool = False, token_threshold: float | None = None, max_partial: int = 2,
                  skippable: Iterable[int] | None = None):
         super().__init__()
-        if max_consecutive < 1 or max_partial < 0:
-            raise ValueError("max_consecutive must be >= 1 and max_partial >= 0")
+        _check_options(threshold, window, max_consecutive, tokenwise, token_threshold, max_partial)
         self.threshold = threshold
-        self.window = window
+        self.window = tuple(window)
         self.max_consecutive = max_consecutive
         self.tokenwise = tokenwise
         self.token_threshold = threshold if token_threshold is None else token_threshold
@@ -144,3 +144,29 @@ class StabilitySkip(Accelerator):
         per_trajectory = max(self.trajectories, 1)
         return {**super().stats(), "skipped_steps": self.skipped / per_trajectory,
                 "partial_steps": self.partial / per_trajectory}
+
+
+def _check_options(threshold, window, max_consecutive, tokenwise, token_threshold, max_partial) -> None:
+    """Options arrive from the command line and from schedule files: wrong types fail here, by name."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    problems = []
+    if not number(threshold):
+        problems.append(f"threshold must be a number, got {threshold!r}")
+    if token_threshold is not None and not number(token_threshold):
+        problems.append(f"token_threshold must be a number, got {token_threshold!r}")
+    if (not isinstance(window, (tuple, list)) or len(window) != 2 or not all(map(number, window))
+            or not 0 <= window[0] < window[1] <= 1):
+        problems.append(f"window must be two fractions of the trajectory, 0 <= lo < hi <= 1, got {window!r}")
+    if not count(max_consecutive) or max_consecutive < 1:
+        problems.append(f"max_consecutive must be an integer >= 1, got {max_consecutive!r}")
+    if not count(max_partial) or max_partial < 0:
+        problems.append(f"max_partial must be an integer >= 0, got {max_partial!r}")
+    if not isinstance(tokenwise, bool):
+        problems.append(f"tokenwise must be true or false, got {tokenwise!r}")
+    if problems:
+        raise ValueError("SADA: " + "; ".join(problems))
