@@ -167,6 +167,10 @@ def cmd_calibrate(args) -> None:
                                    fraction=args.fraction, sada=sada)
     print(f"wrote {path} and {path.with_suffix('.png')}: budget {schedule['budget']}, block_evals_fraction "
           f"{schedule['block_evals_fraction']:.3f}, bubbled {schedule['bubbled']}")
+    for candidate in schedule.get("candidates", []):  # --fraction: what the action error chose from
+        print(f"  candidate {candidate['objective']:<20} budget {candidate['budget']:3d} bubble {candidate['bubble']:2d}"
+              f"{' joint' if candidate['joint'] else '      '} blocks {candidate['block_evals_fraction']:.3f} "
+              f"action MSE {candidate['output_error']:.2e}")
 
 
 def cmd_export(args) -> None:
