@@ -216,11 +216,14 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000, help="round trips per transport (overhead)")
     parser.add_argument("--seconds", type=float, default=10.0, help="per throughput configuration")
     parser.add_argument("--deadline-ms", type=float, default=1000.0)
+    parser.add_argument("--overhead-only", action="store_true", help="skip the throughput part")
     parser.add_argument("--json", default="benchmarks/results/serve.json")
     args = parser.parse_args()
     client_counts = (1, 4, 16, 64)
     if args.quick:
         args.count, args.seconds, client_counts = 200, 3.0, (1, 4)
+    if args.overhead_only:
+        client_counts = ()
 
     with tempfile.TemporaryDirectory() as workdir:
         overhead = [measure_overhead(t, args.checkpoint, args.count, Path(workdir)) for t in ("tcp", "ipc")]
