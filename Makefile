@@ -13,7 +13,7 @@ $(VENV_STAMP): pyproject.toml
 	touch $(VENV_STAMP)
 
 demo: $(VENV_STAMP)
-	$(PY) -m runtime.cli demo pusht
+	$(PY) -m rtdiff.runtime.cli demo pusht
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q

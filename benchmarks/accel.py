@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policies.accelerate import (
+from rtdiff.policies.accelerate import (
     bac_output_error,
     bac_step_sensitivity,
     calibration_observations,
@@ -42,11 +42,11 @@ from policies.accelerate import (
     policy_accelerator,
     record_calibration,
 )
-from policies.checkpoint import checkpoint_hash, load_policy
-from policies.evaluate import evaluate
-from runtime.accel.bac import calibrate_to_fraction
-from runtime.accel.composed import skip_lattice
-from runtime.cli import DEMOS_PATH, EVAL_SEED
+from rtdiff.policies.checkpoint import checkpoint_hash, load_policy
+from rtdiff.policies.evaluate import evaluate
+from rtdiff.runtime.accel.bac import calibrate_to_fraction
+from rtdiff.runtime.accel.composed import skip_lattice
+from rtdiff.runtime.cli import DEMOS_PATH, EVAL_SEED
 
 POLICIES = ("pusht-transformer", "pusht-unet")
 SETTINGS = (("ddim", 10), ("ddpm", 100))

@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.onnx_export import export_onnx
-from export.onnxruntime_backend import use_onnxruntime
-from policies.accelerate import calibration_observations, feed_forward_blocks, record_calibration
-from policies.checkpoint import checkpoint_hash, load_policy
-from runtime.accel import make_accelerator
-from runtime.accel.bac import calibrate, save_schedule
-from runtime.cli import DEMOS_PATH
+from rtdiff.export.onnx_export import export_onnx
+from rtdiff.export.onnxruntime_backend import use_onnxruntime
+from rtdiff.policies.accelerate import calibration_observations, feed_forward_blocks, record_calibration
+from rtdiff.policies.checkpoint import checkpoint_hash, load_policy
+from rtdiff.runtime.accel import make_accelerator
+from rtdiff.runtime.accel.bac import calibrate, save_schedule
+from rtdiff.runtime.cli import DEMOS_PATH
 
 POLICIES = ("pusht-unet", "pusht-transformer")
 SETTINGS = (("ddim", 10, 4), ("ddpm", 100, 15))  # solver, steps, BAC budget
@@ -102,7 +102,7 @@ def measure(checkpoint: str, solver_name: str, steps: int, budget: int, batch_si
 
 def measure_gpu(checkpoint: str, solver_name: str, steps: int, budget: int, batch_sizes: tuple[int, ...],
                 repeats: int, workdir: Path) -> list[dict]:
-    from export.cudagraph import use_cudagraph
+    from rtdiff.export.cudagraph import use_cudagraph
 
     schedule = bac_schedule(checkpoint, solver_name, steps, budget, workdir / "schedule.json")
     device = torch.cuda.get_device_name()

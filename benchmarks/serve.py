@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from runtime.client import Client, ServerError
-from runtime.protocol import request
+from rtdiff.runtime.client import Client, ServerError
+from rtdiff.runtime.protocol import request
 
 
 def start_server(address: str, checkpoint: str, steps: int, max_batch: int) -> subprocess.Popen:
     process = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "serve", "--model", f"policy={checkpoint}", "--bind", address,
+        [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", f"policy={checkpoint}", "--bind", address,
          "--steps", str(steps), "--max-batch", str(max_batch), "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = process.stdout.readline()
@@ -131,8 +131,8 @@ def measure_overhead(transport: str, checkpoint: str, count: int, workdir: Path)
 def measure_protocol_path(checkpoint: str, count: int) -> dict:
     import torch
 
-    from policies.service import PolicyService
-    from runtime.protocol import decode, decode_reply, reply
+    from rtdiff.policies.service import PolicyService
+    from rtdiff.runtime.protocol import decode, decode_reply, reply
 
     torch.set_num_threads(1)
     service = PolicyService(checkpoint, steps=1)

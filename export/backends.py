@@ -13,12 +13,12 @@ import os
 import shutil
 from pathlib import Path
 
-from export.exported import ExportError, load_manifest
-from export.onnx_export import export_onnx, sha256
-from export.onnxruntime_backend import use_onnxruntime
-from policies.accelerate import schedule_path_for
-from policies.checkpoint import checkpoint_hash
-from runtime.accel.bac import load_schedule
+from rtdiff.export.exported import ExportError, load_manifest
+from rtdiff.export.onnx_export import export_onnx, sha256
+from rtdiff.export.onnxruntime_backend import use_onnxruntime
+from rtdiff.policies.accelerate import schedule_path_for
+from rtdiff.policies.checkpoint import checkpoint_hash
+from rtdiff.runtime.accel.bac import load_schedule
 
 log = logging.getLogger("rtdiff.export")
 
@@ -58,7 +58,7 @@ def with_backend(policy, checkpoint: str, backend: str, solver: str, steps: int,
     if backend == "torch":
         return policy
     if backend == "cudagraph":
-        from export.cudagraph import use_cudagraph
+        from rtdiff.export.cudagraph import use_cudagraph
 
         return use_cudagraph(policy)
     if backend not in BACKENDS:
@@ -69,7 +69,7 @@ def with_backend(policy, checkpoint: str, backend: str, solver: str, steps: int,
     folder = ensure_onnx_export(checkpoint, schedule, batch_sizes)
     if backend == "onnxruntime":
         return use_onnxruntime(policy, folder, checkpoint_hash(checkpoint), threads)
-    from export.tensorrt_backend import TrtDenoiser
+    from rtdiff.export.tensorrt_backend import TrtDenoiser
 
     policy.denoiser = TrtDenoiser(folder, checkpoint_hash(checkpoint))
     return policy

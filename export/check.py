@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.exported import load_manifest
-from export.onnxruntime_backend import session_options
+from rtdiff.export.exported import load_manifest
+from rtdiff.export.onnxruntime_backend import session_options
 
 OPSETS = range(9, 21)  # TensorRT 10.0 parses opsets 9 to 20
 # Ops the ONNX-TensorRT parser of TensorRT 10.0 supports (onnx-tensorrt docs/operators.md, release 10.0).

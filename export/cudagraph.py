@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.sampling import sample
+from rtdiff.runtime.sampling import sample
 
 STATIC_ACCELERATORS = ("none", "uniform", "bac")
 

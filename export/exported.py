@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.onnx_export import FORMAT, FORMS, MANIFEST, sha256
-from export.segments import MODEL_OUTPUT
-from runtime.accel.hooks import BlockCache
+from rtdiff.export.onnx_export import FORMAT, FORMS, MANIFEST, sha256
+from rtdiff.export.segments import MODEL_OUTPUT
+from rtdiff.runtime.accel.hooks import BlockCache
 
 
 class ExportError(ValueError):

@@ -29,11 +29,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from export.fp16 import half_precision
-from export.segments import Part, segments_from_schedule, split
-from policies.checkpoint import checkpoint_hash, load_policy
-from runtime.accel.bac import load_schedule
-from runtime.sampling import sample
+from rtdiff.export.fp16 import half_precision
+from rtdiff.export.segments import Part, segments_from_schedule, split
+from rtdiff.policies.checkpoint import checkpoint_hash, load_policy
+from rtdiff.runtime.accel.bac import load_schedule
+from rtdiff.runtime.sampling import sample
 
 FORMAT = "rtdiff-export/1"
 MANIFEST = "manifest.json"
@@ -118,8 +118,8 @@ def _example_values(pieces, policy, batch: int) -> dict[str, torch.Tensor]:
 def _write_calibration(policy, schedule: dict | None, batch: int, path: Path) -> dict:
     """The model inputs (x_t, t, cond) at every step of real trajectories: demonstration observations,
     the schedule's solver (DDIM 10 without one). Returns the manifest's record of it."""
-    from policies.accelerate import calibration_observations
-    from sims.tasks import TASKS
+    from rtdiff.policies.accelerate import calibration_observations
+    from rtdiff.sims.tasks import TASKS
 
     solver_name = (schedule or {}).get("solver", "ddim")
     steps = (schedule or {}).get("steps", 10)

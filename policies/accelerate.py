@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policies.checkpoint import checkpoint_hash, load_policy, resolve
-from runtime.accel import make_accelerator
-from runtime.accel.bac import (
+from rtdiff.policies.checkpoint import checkpoint_hash, load_policy, resolve
+from rtdiff.runtime.accel import make_accelerator
+from rtdiff.runtime.accel.bac import (
     FORMAT,
     calibrate,
     calibrate_to_fraction,
@@ -20,8 +20,8 @@ from runtime.accel.bac import (
     schedule_filename,
     step_sensitivity,
 )
-from runtime.accel.base import Accelerator
-from runtime.accel.composed import skip_lattice
+from rtdiff.runtime.accel.base import Accelerator
+from rtdiff.runtime.accel.composed import skip_lattice
 
 
 def feed_forward_blocks(denoiser) -> set[str]:
@@ -31,8 +31,8 @@ def feed_forward_blocks(denoiser) -> set[str]:
 
 def calibration_observations(demos_path: str | Path, policy, count: int, seed: int) -> torch.Tensor:
     """`count` observation histories drawn from the demonstrations, as the policy sees them in closed loop."""
-    from policies.train import windows
-    from sims.demos import load_demos
+    from rtdiff.policies.train import windows
+    from rtdiff.sims.demos import load_demos
 
     obs, _ = windows(load_demos(demos_path), policy.config)
     if obs.shape[-1] != policy.config.obs_dim:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from policies.config import PolicyConfig
-from policies.modeling import DiffusionPolicy
+from rtdiff.policies.config import PolicyConfig
+from rtdiff.policies.modeling import DiffusionPolicy
 
 BUNDLED = Path(__file__).resolve().parent / "checkpoints"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -57,7 +57,7 @@ def load_policy(name_or_path: str | Path) -> DiffusionPolicy:
     folder = resolve(name_or_path)
     payload = _read_json(folder / CONFIG_FILE)
     if payload.get("type") == "diffusion":
-        from policies.lerobot import load_lerobot_policy
+        from rtdiff.policies.lerobot import load_lerobot_policy
 
         return load_lerobot_policy(folder, payload)
     policy = DiffusionPolicy(PolicyConfig.from_dict(payload))

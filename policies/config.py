@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from runtime.solvers import SchedulerConfig
+from rtdiff.runtime.solvers import SchedulerConfig
 
 FORMAT = "rtdiff-policy/1"
 ARCHITECTURES = ("unet", "transformer")

@@ -13,9 +13,9 @@ from collections import deque
 import numpy as np
 import torch
 
-from policies.modeling import DiffusionPolicy
-from runtime.accel.base import Accelerator
-from runtime.solvers import Solver
+from rtdiff.policies.modeling import DiffusionPolicy
+from rtdiff.runtime.accel.base import Accelerator
+from rtdiff.runtime.solvers import Solver
 
 
 class PolicyController:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from policies.checkpoint import load_policy
-from policies.controller import PolicyController
-from policies.accelerate import policy_accelerator
+from rtdiff.policies.checkpoint import load_policy
+from rtdiff.policies.controller import PolicyController
+from rtdiff.policies.accelerate import policy_accelerator
 
 
 def _evaluate_seeds(checkpoint: str, solver_name: str, steps: int, accel: str, accel_options: dict, seeds: list[int],
                     threads: int, backend: str = "torch") -> tuple[list, list, dict]:
-    from export.backends import with_backend
-    from sims.tasks import get_task
+    from rtdiff.export.backends import with_backend
+    from rtdiff.sims.tasks import get_task
 
     torch.set_num_threads(threads)
     policy = with_backend(load_policy(checkpoint), checkpoint, backend, solver_name, steps, accel, threads=threads)
@@ -38,7 +38,7 @@ def evaluate(checkpoint: str, episodes: int, seed: int, solver: str, steps: int,
     policy.make_solver(solver, steps)
     policy_accelerator(accel, checkpoint, solver, steps, **accel_options)
     if backend != "torch":
-        from export.backends import with_backend
+        from rtdiff.export.backends import with_backend
 
         with_backend(load_policy(checkpoint), checkpoint, backend, solver, steps, accel)
     seeds = list(range(seed, seed + episodes))
@@ -46,7 +46,7 @@ def evaluate(checkpoint: str, episodes: int, seed: int, solver: str, steps: int,
     if workers == 1:
         outputs = [_evaluate_seeds(checkpoint, solver, steps, accel, accel_options, seeds, threads, backend)]
     else:
-        from runtime.parallel import starmap_processes
+        from rtdiff.runtime.parallel import starmap_processes
 
         parts = [seeds[k::workers] for k in range(workers)]
         outputs = starmap_processes(_evaluate_seeds, [(checkpoint, solver, steps, accel, accel_options, part, threads,

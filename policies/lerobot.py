@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from policies.checkpoint import WEIGHTS_FILE, load_state_dict_checked, read_safetensors
-from policies.config import PolicyConfig
-from policies.modeling import DiffusionPolicy
-from runtime.solvers import SchedulerConfig
+from rtdiff.policies.checkpoint import WEIGHTS_FILE, load_state_dict_checked, read_safetensors
+from rtdiff.policies.config import PolicyConfig
+from rtdiff.policies.modeling import DiffusionPolicy
+from rtdiff.runtime.solvers import SchedulerConfig
 
 STATE_KEYS = ("observation.state", "observation.environment_state")  # LeRobot's order in the condition
 UNET_PREFIX = "diffusion.unet."

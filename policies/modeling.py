@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from policies.config import PolicyConfig
-from policies.normalizer import MinMaxNormalizer
-from policies.transformer import TransformerDenoiser
-from policies.unet import ConditionalUnet1d
-from runtime.accel.base import Accelerator
-from runtime.accel.hooks import carries_hooks
-from runtime.sampling import sample, trajectory
-from runtime.solvers import Solver, make_solver
+from rtdiff.policies.config import PolicyConfig
+from rtdiff.policies.normalizer import MinMaxNormalizer
+from rtdiff.policies.transformer import TransformerDenoiser
+from rtdiff.policies.unet import ConditionalUnet1d
+from rtdiff.runtime.accel.base import Accelerator
+from rtdiff.runtime.accel.hooks import carries_hooks
+from rtdiff.runtime.sampling import sample, trajectory
+from rtdiff.runtime.solvers import Solver, make_solver
 
 DENOISERS = {"unet": ConditionalUnet1d, "transformer": TransformerDenoiser}
 

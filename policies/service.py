@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from policies.accelerate import policy_accelerator
-from policies.checkpoint import checkpoint_hash, load_policy
-from runtime.protocol import Message, ProtocolError
+from rtdiff.policies.accelerate import policy_accelerator
+from rtdiff.policies.checkpoint import checkpoint_hash, load_policy
+from rtdiff.runtime.protocol import Message, ProtocolError
 
 
 class PolicyService:
@@ -27,7 +27,7 @@ class PolicyService:
     def __init__(self, checkpoint: str, solver: str = "ddim", steps: int = 10, accel: str = "none", seed: int = 0,
                  backend: str = "torch", batch_sizes: tuple[int, ...] = (1, 4, 16), threads: int = 1,
                  accel_options: dict | None = None):
-        from export.backends import with_backend
+        from rtdiff.export.backends import with_backend
 
         self.checkpoint = str(checkpoint)
         # batch_sizes: the static shapes an exported backend is built for; other batches run padded up

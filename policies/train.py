@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from policies.config import PolicyConfig
-from policies.modeling import DiffusionPolicy
-from runtime.solvers import alphas_cumprod
-from sims.demos import Demos
+from rtdiff.policies.config import PolicyConfig
+from rtdiff.policies.modeling import DiffusionPolicy
+from rtdiff.runtime.solvers import alphas_cumprod
+from rtdiff.sims.demos import Demos
 
 
 @dataclass

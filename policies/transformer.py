@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from policies.config import PolicyConfig
-from policies.embeddings import SinusoidalPosEmb
+from rtdiff.policies.config import PolicyConfig
+from rtdiff.policies.embeddings import SinusoidalPosEmb
 
 
 class Modulation(nn.Module):

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from sims.tasks import TASKS
+from rtdiff.sims.tasks import TASKS
 
 DEMOS_PATH = TASKS["pusht"].demos
 EVAL_SEED = 100_000  # evaluation seeds start here, far from the demonstration seeds 0..N-1
@@ -25,7 +25,7 @@ def _write_json(path: str | None, payload: dict) -> None:
 
 
 def cmd_expert(args) -> None:
-    from sims.tasks import get_task, summarize
+    from rtdiff.sims.tasks import get_task, summarize
 
     seeds = range(args.seed, args.seed + args.episodes)
     episodes = get_task(args.task).load().run_expert(seeds, workers=args.workers)
@@ -36,8 +36,8 @@ def cmd_expert(args) -> None:
 
 
 def cmd_demos(args) -> None:
-    from sims.demos import save_demos
-    from sims.tasks import get_task, summarize
+    from rtdiff.sims.demos import save_demos
+    from rtdiff.sims.tasks import get_task, summarize
 
     task = get_task(args.task)
     module = task.load()
@@ -65,12 +65,12 @@ ARCH_LR = {"unet": 1e-3, "transformer": 1e-3}
 
 
 def cmd_train(args) -> None:
-    from policies.checkpoint import checkpoint_hash, load_policy, read_metadata, save_policy
-    from policies.config import PolicyConfig
-    from policies.train import TrainConfig, train
-    from sims.demos import load_demos
+    from rtdiff.policies.checkpoint import checkpoint_hash, load_policy, read_metadata, save_policy
+    from rtdiff.policies.config import PolicyConfig
+    from rtdiff.policies.train import TrainConfig, train
+    from rtdiff.sims.demos import load_demos
 
-    from sims.tasks import get_task
+    from rtdiff.sims.tasks import get_task
 
     task = get_task(args.task)
     demos = load_demos(args.demos or task.demos)
@@ -95,7 +95,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from policies.evaluate import evaluate, format_table
+    from rtdiff.policies.evaluate import evaluate, format_table
 
     args.checkpoint = args.checkpoint or f"{args.task}-unet"
     options = _accel_options(args)
@@ -107,7 +107,7 @@ def cmd_eval(args) -> None:
 
 
 def _accel_options(args) -> dict:
-    from runtime.accel import parse_options
+    from rtdiff.runtime.accel import parse_options
 
     return parse_options(args.accel, args.accel_option)
 
@@ -123,7 +123,7 @@ def _local_server(task: str, checkpoint: str, solver: str, steps: int, accel: st
     with tempfile.TemporaryDirectory(prefix="rtdiff-serve-") as workdir:
         address = f"ipc://{workdir}/server.ipc"
         server = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "serve", "--model", f"{task}={checkpoint}", "--bind", address,
+            [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", f"{task}={checkpoint}", "--bind", address,
              "--solver", solver, "--steps", str(steps), "--accel", accel, "--threads", "1", "--backend", backend,
              *(f"--accel-option={pair}" for pair in accel_options)],
             stdout=subprocess.PIPE, text=True)
@@ -149,7 +149,7 @@ def cmd_demo(args) -> None:
     with _local_server(args.task, checkpoint, args.solver, args.steps, args.accel, args.backend,
                        args.accel_option) as address:
         sim = subprocess.run(
-            [sys.executable, "-m", "runtime.cli", "sim", args.task, "--server", address, "--episodes",
+            [sys.executable, "-m", "rtdiff.runtime.cli", "sim", args.task, "--server", address, "--episodes",
              str(args.episodes), "--seed", str(args.seed), "--workers", str(args.workers), "--video", args.video,
              "--json", args.json])
     if sim.returncode != 0:
@@ -158,7 +158,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from policies.accelerate import calibrate_bac
+    from rtdiff.policies.accelerate import calibrate_bac
 
     budget = 4 if args.budget is None and args.fraction is None else args.budget
     sada = {"window": tuple(args.window), "max_consecutive": args.max_consecutive} if args.method == "bac+sada" else None
@@ -175,7 +175,7 @@ def cmd_calibrate(args) -> None:
 
 def cmd_export(args) -> None:
     if args.check:
-        from export.check import check_export
+        from rtdiff.export.check import check_export
 
         problems = check_export(args.check)
         print("\n".join(problems) if problems else f"{args.check}: every graph passes")
@@ -184,14 +184,14 @@ def cmd_export(args) -> None:
         return
     if not args.checkpoint or not args.out:
         raise ValueError("export needs --checkpoint and --out (or --check DIR)")
-    from export.onnx_export import export_onnx
+    from rtdiff.export.onnx_export import export_onnx
 
     batch_sizes = tuple(int(b) for b in args.batch.split(","))
     manifest = export_onnx(args.checkpoint, args.out, args.schedule, batch_sizes, args.precision, args.opset)
     graphs = sum(len(p[form]["files"]) for p in manifest["pieces"] for form in ("full", "cached"))
     print(f"wrote {args.out}: {len(manifest['pieces'])} segments, {graphs} graphs, batch sizes {list(batch_sizes)}")
     if args.format == "tensorrt":  # engines from the same graphs, cached beside them
-        from export.tensorrt_backend import TrtDenoiser
+        from rtdiff.export.tensorrt_backend import TrtDenoiser
 
         TrtDenoiser(args.out, cache_dir=Path(args.out) / "engines")
         print(f"built TensorRT engines into {args.out}/engines")
@@ -202,8 +202,8 @@ def cmd_serve(args) -> None:
 
     import torch
 
-    from policies.service import PolicyService
-    from runtime.server import Server, ServerConfig
+    from rtdiff.policies.service import PolicyService
+    from rtdiff.runtime.server import Server, ServerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -227,7 +227,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_sim(args) -> None:
-    from sims.remote import format_remote_table, run_remote
+    from rtdiff.sims.remote import format_remote_table, run_remote
 
     def run(address: str) -> dict:
         return run_remote(args.task, address, args.model, args.episodes, args.seed, args.rate, args.workers,

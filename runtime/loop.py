@@ -25,7 +25,7 @@ from collections import deque
 
 import numpy as np
 
-from runtime.client import Client, ServerError
+from rtdiff.runtime.client import Client, ServerError
 
 
 class ChunkPlan:

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from runtime.solvers import History, Solver
+from rtdiff.runtime.solvers import History, Solver
 
 if TYPE_CHECKING:
-    from runtime.accel.base import Accelerator
+    from rtdiff.runtime.accel.base import Accelerator
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -54,7 +54,7 @@ def trajectory(
     accelerator: Accelerator | None = None,
 ) -> Iterator[Step]:
     """`sample`, one solver step at a time: for progress streams and anytime answers."""
-    from runtime.accel.base import SKIP
+    from rtdiff.runtime.accel.base import SKIP
 
     history = History()
     if accelerator is not None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from runtime.protocol import ERRORS, Limits, Message, ProtocolError, decode, error_reply, reply
+from rtdiff.runtime.protocol import ERRORS, Limits, Message, ProtocolError, decode, error_reply, reply
 
 log = logging.getLogger("rtdiff.server")
 

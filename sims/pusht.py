@@ -103,7 +103,7 @@ def run_episodes(controller: Controller, seeds, progress: bool = True) -> list[E
 
 
 def _expert_episodes(seeds: list[int]) -> list[Episode]:
-    from sims.pusht_expert import PushTExpert
+    from rtdiff.sims.pusht_expert import PushTExpert
 
     return run_episodes(PushTExpert(), seeds, progress=False)
 
@@ -113,7 +113,7 @@ def run_expert(seeds, workers: int = 2) -> list[Episode]:
     seeds = [int(s) for s in seeds]
     if workers <= 1 or len(seeds) < 2:
         return _expert_episodes(seeds)
-    from runtime.parallel import starmap_processes
+    from rtdiff.runtime.parallel import starmap_processes
 
     parts = starmap_processes(_expert_episodes, [([s],) for s in seeds], workers, progress="expert")
     return [episode for part in parts for episode in part]

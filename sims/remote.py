@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.client import Client
-from runtime.loop import RemoteController
+from rtdiff.runtime.client import Client
+from rtdiff.runtime.loop import RemoteController
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -24,7 +24,7 @@ def _percentiles(values: list[float]) -> dict:
 
 def _run_part(task: str, address: str, model: str, seeds: list[int], rate_hz: float, curve_dir: str | None,
               realtime: bool, video: str | None = None) -> dict:
-    from sims.tasks import get_task
+    from rtdiff.sims.tasks import get_task
 
     module = get_task(task).load()
     with Client(address, model=model, curve_dir=curve_dir) as client:
@@ -56,7 +56,7 @@ def _run_part(task: str, address: str, model: str, seeds: list[int], rate_hz: fl
 def run_remote(task: str, address: str, model: str | None, episodes: int, seed: int, rate_hz: float | None = None,
                workers: int = 1, curve_dir: str | None = None, realtime: bool = True, video: str | None = None) -> dict:
     """`episodes` seeded episodes split over `workers` client processes; `video`: the first one, rendered."""
-    from sims.tasks import get_task
+    from rtdiff.sims.tasks import get_task
 
     rate_hz = rate_hz or get_task(task).load().CONTROL_HZ
     with Client(address, model=model, curve_dir=curve_dir, retries=1) as client:
@@ -75,7 +75,7 @@ def run_remote(task: str, address: str, model: str | None, episodes: int, seed: 
     if workers == 1:
         parts = [_run_part(*jobs[0])]
     else:
-        from runtime.parallel import starmap_processes
+        from rtdiff.runtime.parallel import starmap_processes
 
         parts = starmap_processes(_run_part, jobs)
     results = sorted(r for part in parts for r in part["results"])

@@ -182,7 +182,7 @@ def run_expert(seeds, workers: int = 2, noise: float = 0.0) -> list[Episode]:
     seeds = [int(s) for s in seeds]
     if workers <= 1:
         return _expert_episodes(seeds, noise)
-    from runtime.parallel import starmap_processes
+    from rtdiff.runtime.parallel import starmap_processes
 
     parts = starmap_processes(_expert_episodes, [(seeds[k::workers], noise) for k in range(workers)])
     return sorted((e for part in parts for e in part), key=lambda e: e.seed)

@@ -29,8 +29,8 @@ class Task:
 
 
 TASKS = {
-    "pusht": Task("pusht", "sims.pusht", DATA / "pusht_demos.safetensors", "sims.pusht_expert.PushTExpert"),
-    "lift": Task("lift", "sims.robosuite_lift", DATA / "lift_demos.safetensors", "sims.robosuite_lift.LiftExpert",
+    "pusht": Task("pusht", "rtdiff.sims.pusht", DATA / "pusht_demos.safetensors", "rtdiff.sims.pusht_expert.PushTExpert"),
+    "lift": Task("lift", "rtdiff.sims.robosuite_lift", DATA / "lift_demos.safetensors", "rtdiff.sims.robosuite_lift.LiftExpert",
                  demo_noise=0.1),
 }
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from policies.checkpoint import save_policy
-from policies.config import PolicyConfig
-from policies.modeling import DiffusionPolicy
+from rtdiff.policies.checkpoint import save_policy
+from rtdiff.policies.config import PolicyConfig
+from rtdiff.policies.modeling import DiffusionPolicy
 
 TINY = {
     "unet": dict(arch="unet", down_dims=(8, 16), n_groups=4, diffusion_step_embed_dim=8, horizon=8, n_action_steps=4),

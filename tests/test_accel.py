@@ -5,8 +5,8 @@ import re
 import pytest
 import torch
 
-from runtime.accel import Accelerator, UniformCache, make_accelerator, parse_options
-from runtime.accel.hooks import CacheHooks
+from rtdiff.runtime.accel import Accelerator, UniformCache, make_accelerator, parse_options
+from rtdiff.runtime.accel.hooks import CacheHooks
 
 def chunk(policy, accelerator=None, steps=10, seed=0):
     obs = torch.randn(2, policy.config.n_obs_steps, policy.config.obs_dim, generator=torch.Generator().manual_seed(1))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from policies.checkpoint import save_policy
-from runtime.accel import make_accelerator
-from runtime.accel.bac import (
+from rtdiff.policies.checkpoint import save_policy
+from rtdiff.runtime.accel import make_accelerator
+from rtdiff.runtime.accel.bac import (
     bubbling_union,
     calibrate_to_fraction,
     optimal_update_steps,
@@ -205,8 +205,8 @@ def test_mismatched_schedules_are_refused(tiny_policy):
 
 
 def test_calibrate_command_writes_schedule_and_heatmap_used_by_eval(tiny_policy, tmp_path):
-    from policies.accelerate import calibrate_bac, policy_accelerator
-    from runtime.cli import DEMOS_PATH
+    from rtdiff.policies.accelerate import calibrate_bac, policy_accelerator
+    from rtdiff.runtime.cli import DEMOS_PATH
 
     folder = save_policy(tiny_policy, tmp_path / "tiny")
     schedule, path = calibrate_bac(str(folder), "ddim", 8, budget=3, demos_path=DEMOS_PATH, observations=8, bubble=2)
@@ -222,9 +222,9 @@ def test_calibrate_command_writes_schedule_and_heatmap_used_by_eval(tiny_policy,
 
 
 def test_a_bac_sada_schedule_keeps_refreshes_off_the_steps_sada_may_skip(tiny_policy, tmp_path):
-    from policies.accelerate import calibrate_bac, policy_accelerator
-    from runtime.accel.composed import skip_lattice
-    from runtime.cli import DEMOS_PATH
+    from rtdiff.policies.accelerate import calibrate_bac, policy_accelerator
+    from rtdiff.runtime.accel.composed import skip_lattice
+    from rtdiff.runtime.cli import DEMOS_PATH
 
     folder = save_policy(tiny_policy, tmp_path / "tiny")
     sada = {"window": (0.1, 0.97), "max_consecutive": 2}

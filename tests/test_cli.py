@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from policies.checkpoint import bundled_names
+from rtdiff.policies.checkpoint import bundled_names
 
 
 def rtdiff(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "rtdiff.runtime.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=600)
 
 

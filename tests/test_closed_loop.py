@@ -2,16 +2,16 @@
 
 import pytest
 
-from policies.evaluate import evaluate
-from runtime.cli import EVAL_SEED
+from rtdiff.policies.evaluate import evaluate
+from rtdiff.runtime.cli import EVAL_SEED
 
 EPISODES = 50
 
 
 @pytest.fixture(scope="module")
 def expert_score():
-    from sims.pusht import run_expert
-    from sims.tasks import summarize
+    from rtdiff.sims.pusht import run_expert
+    from rtdiff.sims.tasks import summarize
 
     return summarize(run_expert(range(EVAL_SEED, EVAL_SEED + EPISODES), workers=2))["score_mean"]
 
@@ -25,8 +25,8 @@ def test_bundled_policy_reaches_90_percent_of_the_expert(checkpoint, expert_scor
 
 @pytest.mark.slow
 def test_bundled_lift_policy_reaches_90_percent_of_the_expert():
-    from sims.robosuite_lift import run_expert
-    from sims.tasks import summarize
+    from rtdiff.sims.robosuite_lift import run_expert
+    from rtdiff.sims.tasks import summarize
 
     expert = summarize(run_expert(range(EVAL_SEED, EVAL_SEED + EPISODES), workers=2))["success_rate"]
     report = evaluate("lift-unet", EPISODES, EVAL_SEED, "ddim", 10, workers=2, task="lift")

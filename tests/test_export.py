@@ -5,14 +5,14 @@ import importlib.util
 import pytest
 import torch
 
-from export.check import check_export, check_model
-from export.exported import ExportError
-from export.onnx_export import export_onnx, sha256
-from export.onnxruntime_backend import OrtDenoiser, use_onnxruntime
-from export.segments import MODEL_INPUTS, run_pieces, segments_from_schedule, split
-from policies.checkpoint import checkpoint_hash, load_policy, save_policy
-from runtime.accel.bac import FORMAT, BACache, save_schedule
-from runtime.accel.hooks import CacheHooks
+from rtdiff.export.check import check_export, check_model
+from rtdiff.export.exported import ExportError
+from rtdiff.export.onnx_export import export_onnx, sha256
+from rtdiff.export.onnxruntime_backend import OrtDenoiser, use_onnxruntime
+from rtdiff.export.segments import MODEL_INPUTS, run_pieces, segments_from_schedule, split
+from rtdiff.policies.checkpoint import checkpoint_hash, load_policy, save_policy
+from rtdiff.runtime.accel.bac import FORMAT, BACache, save_schedule
+from rtdiff.runtime.accel.hooks import CacheHooks
 from tests.conftest import make_tiny_policy
 
 STEPS = 10
@@ -194,7 +194,7 @@ def test_export_check_command_fails_naming_a_planted_node(exported, tmp_path, ca
     import json
     import shutil
 
-    from runtime.cli import main
+    from rtdiff.runtime.cli import main
 
     folder = tmp_path / "planted"
     shutil.copytree(exported[2], folder)
@@ -256,8 +256,8 @@ needs_tensorrt = pytest.mark.skipif(not torch.cuda.is_available() or importlib.u
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gpu_backends_refuse_clearly_without_a_gpu(exported):
-    from export.cudagraph import use_cudagraph
-    from export.tensorrt_backend import TrtDenoiser
+    from rtdiff.export.cudagraph import use_cudagraph
+    from rtdiff.export.tensorrt_backend import TrtDenoiser
 
     checkpoint, _, folder = exported
     with pytest.raises(ValueError, match="needs CUDA"):
@@ -268,7 +268,7 @@ def test_gpu_backends_refuse_clearly_without_a_gpu(exported):
 
 @needs_cuda
 def test_cudagraph_trajectory_matches_eager_on_the_gpu(exported):
-    from export.cudagraph import use_cudagraph
+    from rtdiff.export.cudagraph import use_cudagraph
 
     checkpoint, schedule, _ = exported
     eager = load_policy(checkpoint).to("cuda")
@@ -288,7 +288,7 @@ def test_cudagraph_trajectory_matches_eager_on_the_gpu(exported):
 
 @needs_tensorrt
 def test_tensorrt_matches_torch_and_rebuilds_a_corrupted_engine(exported, tmp_path):
-    from export.tensorrt_backend import TrtDenoiser
+    from rtdiff.export.tensorrt_backend import TrtDenoiser
 
     checkpoint, _, folder = exported
     policy = load_policy(checkpoint)
@@ -303,7 +303,7 @@ def test_tensorrt_matches_torch_and_rebuilds_a_corrupted_engine(exported, tmp_pa
 
 
 def test_a_cached_export_that_went_bad_is_rebuilt(exported, tmp_path, monkeypatch):
-    from export.backends import ensure_onnx_export
+    from rtdiff.export.backends import ensure_onnx_export
 
     checkpoint, _, _ = exported
     monkeypatch.setenv("RTDIFF_CACHE", str(tmp_path))
@@ -319,8 +319,8 @@ def test_a_cached_export_that_went_bad_is_rebuilt(exported, tmp_path, monkeypatc
 
 @needs_cuda
 def test_cudagraph_per_call_graphs_follow_sada_on_the_gpu(tmp_path):
-    from export.cudagraph import use_cudagraph
-    from runtime.accel import make_accelerator
+    from rtdiff.export.cudagraph import use_cudagraph
+    from rtdiff.runtime.accel import make_accelerator
 
     checkpoint = save_policy(make_tiny_policy("unet"), tmp_path / "policy")  # no token-wise blocks: SADA skips steps
     eager = load_policy(checkpoint).to("cuda")

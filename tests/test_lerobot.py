@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from policies.checkpoint import load_policy
+from rtdiff.policies.checkpoint import load_policy
 
 STATE, ACTION, N_OBS, HORIZON = 5, 2, 2, 8
 DIMS, KERNEL, GROUPS, STEP_DIM = (8, 16), 3, 4, 8

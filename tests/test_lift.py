@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-lift = pytest.importorskip("sims.robosuite_lift")
+lift = pytest.importorskip("rtdiff.sims.robosuite_lift")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from runtime.loop import ChunkPlan, RemoteController
+from rtdiff.runtime.loop import ChunkPlan, RemoteController
 
 
 def chunk(value, length=8):

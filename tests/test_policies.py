@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from policies.checkpoint import load_policy, save_policy
-from policies.normalizer import MinMaxNormalizer
-from policies.train import TrainConfig, train, windows
-from sims.demos import Demos
+from rtdiff.policies.checkpoint import load_policy, save_policy
+from rtdiff.policies.normalizer import MinMaxNormalizer
+from rtdiff.policies.train import TrainConfig, train, windows
+from rtdiff.sims.demos import Demos
 
 def test_denoiser_shapes(policy):
     c = policy.config
@@ -140,8 +140,8 @@ def test_training_goes_on_from_a_checkpoint_and_leaves_it_untouched(make_tiny):
 
 
 def test_adaln_transformer_starts_as_zero_and_plain_one_keeps_diffusion_policy_layout():
-    from policies.config import PolicyConfig
-    from policies.modeling import DiffusionPolicy
+    from rtdiff.policies.config import PolicyConfig
+    from rtdiff.policies.modeling import DiffusionPolicy
 
     config = dict(arch="transformer", n_layer=2, n_head=2, n_emb=16, horizon=6, n_action_steps=4)
     torch.manual_seed(0)

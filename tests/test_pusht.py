@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from runtime.cli import DEMOS_PATH
-from sims.demos import load_demos, save_demos
-from sims.pusht import Episode, demonstration, make_env
+from rtdiff.runtime.cli import DEMOS_PATH
+from rtdiff.sims.demos import load_demos, save_demos
+from rtdiff.sims.pusht import Episode, demonstration, make_env
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,8 @@ def test_demonstrations_replay_in_the_simulator(demos):
 
 
 def test_expert_solves_unseen_starts():
-    from sims.pusht import run_episodes
-    from sims.pusht_expert import PushTExpert
+    from rtdiff.sims.pusht import run_episodes
+    from rtdiff.sims.pusht_expert import PushTExpert
 
     episodes = run_episodes(PushTExpert(), [100_000, 100_001], progress=False)
     assert np.mean([e.score for e in episodes]) > 0.9

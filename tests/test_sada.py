@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from runtime.accel import make_accelerator
-from runtime.sampling import sample
+from rtdiff.runtime.accel import make_accelerator
+from rtdiff.runtime.sampling import sample
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_a_skipped_step_reuses_the_last_noise_estimate_at_the_current_sample(pol
     result = sample(denoiser, solver, x, cond, accelerator=accelerator)
     assert solver.timesteps[3] not in seen and len(seen) == 5
     # Replay by hand: steps 0-2 from the model, step 3 from step 2's eps, then the model again.
-    from runtime.solvers import History
+    from rtdiff.runtime.solvers import History
 
     history, xs = History(), x
     for i, t in enumerate(solver.timesteps):
@@ -66,7 +66,7 @@ def test_batch_skips_only_when_every_trajectory_is_stable(policy):
     accelerator = make_accelerator("sada", threshold=0.0)
     solver = policy.make_solver("ddim", 10)
     accelerator.begin(solver)
-    from runtime.solvers import History
+    from rtdiff.runtime.solvers import History
 
     history = History()
     for n in range(3):
@@ -79,7 +79,7 @@ def test_batch_skips_only_when_every_trajectory_is_stable(policy):
 
 
 def test_skip_lattice_leaves_every_run_an_anchor():
-    from runtime.accel.composed import skip_lattice
+    from rtdiff.runtime.accel.composed import skip_lattice
 
     assert sorted(skip_lattice(10, (0.1, 0.97), 1)) == [3, 5, 7, 9]
     assert sorted(skip_lattice(10, (0.1, 0.97), 2)) == [3, 4, 6, 7, 9]
@@ -138,7 +138,7 @@ def transformer(make_tiny):
 
 
 def test_partial_call_recomputes_named_tokens_and_serves_the_rest_from_cache(transformer):
-    from runtime.accel.hooks import CacheHooks
+    from rtdiff.runtime.accel.hooks import CacheHooks
 
     denoiser = transformer.denoiser
     blocks = dict(denoiser.cache_blocks())

@@ -23,7 +23,7 @@ def free_address() -> str:
 
 def start_server(checkpoint, address, *extra) -> subprocess.Popen:
     process = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "serve", "--model", f"tiny={checkpoint}", "--bind", address,
+        [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", f"tiny={checkpoint}", "--bind", address,
          "--steps", "4", "--threads", "1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = process.stdout.readline()  # the server prints one line once it is bound
@@ -70,9 +70,9 @@ def test_a_client_written_from_the_protocol_doc_gets_actions(tiny_checkpoint):
 
 
 def test_a_server_killed_and_restarted_mid_episode_does_not_end_the_episode(tiny_checkpoint):
-    from runtime.client import Client
-    from runtime.loop import RemoteController
-    from sims.pusht import make_env, run_episode
+    from rtdiff.runtime.client import Client
+    from rtdiff.runtime.loop import RemoteController
+    from rtdiff.sims.pusht import make_env, run_episode
 
     address = free_address()
     server = start_server(tiny_checkpoint, address)
@@ -104,8 +104,8 @@ def test_a_server_killed_and_restarted_mid_episode_does_not_end_the_episode(tiny
 
 
 def test_curve_admits_only_clients_with_the_keys(tiny_checkpoint, tmp_path):
-    from runtime.cli import main
-    from runtime.client import Client
+    from rtdiff.runtime.cli import main
+    from rtdiff.runtime.client import Client
 
     main(["keys", str(tmp_path / "keys")])
     address = free_address()
@@ -132,7 +132,7 @@ def test_curve_admits_only_clients_with_the_keys(tiny_checkpoint, tmp_path):
 
 
 def test_served_accelerator_takes_its_options_from_the_command_line(tiny_checkpoint):
-    from runtime.client import Client
+    from rtdiff.runtime.client import Client
 
     address = free_address()
     server = start_server(tiny_checkpoint, address, "--accel", "uniform", "--accel-option", "interval=4")
@@ -144,7 +144,7 @@ def test_served_accelerator_takes_its_options_from_the_command_line(tiny_checkpo
             assert client.stats()["models"]["tiny"]["block_evals_fraction"] == pytest.approx(0.25)
     finally:
         server.kill()
-    refused = subprocess.run([sys.executable, "-m", "runtime.cli", "serve", "--model", f"tiny={tiny_checkpoint}",
+    refused = subprocess.run([sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", f"tiny={tiny_checkpoint}",
                               "--accel", "uniform", "--accel-option", "interval=0"], capture_output=True, text=True,
                              timeout=120)
     assert refused.returncode == 2 and refused.stderr.strip() == \

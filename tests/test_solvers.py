@@ -8,7 +8,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from runtime.solvers import SchedulerConfig, make_solver  # noqa: E402
+from rtdiff.runtime.solvers import SchedulerConfig, make_solver  # noqa: E402
 
 ORACLES = {
     "ddpm": diffusers.DDPMScheduler,
@@ -24,7 +24,7 @@ def fake_model(x: torch.Tensor, t: int) -> torch.Tensor:
 
 def rtdiff_trajectory(name, config, steps, x, seed):
     solver = make_solver(name, config, steps)
-    from runtime.solvers import History
+    from rtdiff.runtime.solvers import History
 
     history, generator, states = History(), torch.Generator().manual_seed(seed), []
     for i, t in enumerate(solver.timesteps):

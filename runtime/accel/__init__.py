@@ -2,10 +2,10 @@
 
 import json
 
-from runtime.accel.bac import BACache
-from runtime.accel.base import FULL, SKIP, Accelerator, UniformCache
-from runtime.accel.composed import BACWithSADA
-from runtime.accel.sada import StabilitySkip
+from rtdiff.runtime.accel.bac import BACache
+from rtdiff.runtime.accel.base import FULL, SKIP, Accelerator, UniformCache
+from rtdiff.runtime.accel.composed import BACWithSADA
+from rtdiff.runtime.accel.sada import StabilitySkip
 
 ACCELERATORS = {
     "none": Accelerator,

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.accel.base import Accelerator
+from rtdiff.runtime.accel.base import Accelerator
 
 FORMAT = "rtdiff-bac-schedule/1"
 

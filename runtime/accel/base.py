@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runtime.accel.hooks import CacheHooks
-from runtime.solvers import History, Solver
+from rtdiff.runtime.accel.hooks import CacheHooks
+from rtdiff.runtime.solvers import History, Solver
 
 FULL, PARTIAL, SKIP = "full", "partial", "skip"
 

@@ -25,10 +25,10 @@ import math
 
 import torch
 
-from runtime.accel.bac import BACache
-from runtime.accel.base import Accelerator
-from runtime.accel.sada import StabilitySkip
-from runtime.solvers import History, Solver
+from rtdiff.runtime.accel.bac import BACache
+from rtdiff.runtime.accel.base import Accelerator
+from rtdiff.runtime.accel.sada import StabilitySkip
+from rtdiff.runtime.solvers import History, Solver
 
 
 def skip_lattice(steps: int, window: tuple[float, float] = (0.1, 0.97), max_consecutive: int = 2) -> set[int]:

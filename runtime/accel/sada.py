@@ -40,8 +40,8 @@ from collections.abc import Iterable
 
 import torch
 
-from runtime.accel.base import FULL, PARTIAL, SKIP, Accelerator
-from runtime.solvers import History, Solver
+from rtdiff.runtime.accel.base import FULL, PARTIAL, SKIP, Accelerator
+from rtdiff.runtime.solvers import History, Solver
 
 
 class StabilitySkip(Accelerator):
