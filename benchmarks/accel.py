@@ -42,11 +42,16 @@ from rtdiff.policies.accelerate import (
     policy_accelerator,
     record_calibration,
 )
-from rtdiff.policies.checkpoint import checkpoint_hash, load_policy
+from rtdiff.policies.checkpoint import load_policy
+from rtdiff.runtime.checkpoints import checkpoint_hash
 from rtdiff.policies.evaluate import evaluate
 from rtdiff.runtime.accel.bac import calibrate_to_fraction
 from rtdiff.runtime.accel.composed import skip_lattice
-from rtdiff.runtime.cli import DEMOS_PATH, EVAL_SEED
+from rtdiff.policies.cli import EVAL_SEED
+from rtdiff.runtime.run import RunConfig
+from rtdiff.sims.tasks import TASKS
+
+DEMOS_PATH = TASKS["pusht"].demos
 
 POLICIES = ("pusht-transformer", "pusht-unet")
 SETTINGS = (("ddim", 10), ("ddpm", 100))
@@ -171,8 +176,10 @@ def measure_setting(checkpoint: str, solver_name: str, steps: int, args) -> list
                "block_evals_fraction": stats["block_evals_fraction"], "model_calls": stats["model_calls"],
                "action_mse": error}
         if args.episodes:
-            report = evaluate(checkpoint, args.episodes, EVAL_SEED, solver_name, steps, accel=config.accel,
-                              workers=args.workers, accel_options=config.options)
+            options = {k: v for k, v in config.options.items() if k != "schedule"}
+            run = RunConfig(checkpoint, solver_name, steps, accel=config.accel, accel_options=options,
+                            accel_schedule=config.options.get("schedule"))
+            report = evaluate(run, args.episodes, EVAL_SEED, workers=args.workers)
             row.update(score_mean=report["score_mean"], success_rate=report["success_rate"], episodes=report["episodes"],
                        scores=report["scores"])
         rows.append(row)

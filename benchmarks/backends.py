@@ -32,12 +32,15 @@ import numpy as np
 import torch
 
 from rtdiff.export.onnx_export import export_onnx
-from rtdiff.export.onnxruntime_backend import use_onnxruntime
+from rtdiff.policies.backend import use_onnxruntime
 from rtdiff.policies.accelerate import calibration_observations, feed_forward_blocks, record_calibration
-from rtdiff.policies.checkpoint import checkpoint_hash, load_policy
+from rtdiff.policies.checkpoint import load_policy
+from rtdiff.runtime.checkpoints import checkpoint_hash
 from rtdiff.runtime.accel import make_accelerator
 from rtdiff.runtime.accel.bac import calibrate, save_schedule
-from rtdiff.runtime.cli import DEMOS_PATH
+from rtdiff.sims.tasks import TASKS
+
+DEMOS_PATH = TASKS["pusht"].demos
 
 POLICIES = ("pusht-unet", "pusht-transformer")
 SETTINGS = (("ddim", 10, 4), ("ddpm", 100, 15))  # solver, steps, BAC budget

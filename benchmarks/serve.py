@@ -132,10 +132,11 @@ def measure_protocol_path(checkpoint: str, count: int) -> dict:
     import torch
 
     from rtdiff.policies.service import PolicyService
+    from rtdiff.runtime.run import RunConfig
     from rtdiff.runtime.protocol import decode, decode_reply, reply
 
     torch.set_num_threads(1)
-    service = PolicyService(checkpoint, steps=1)
+    service = PolicyService(RunConfig(str(checkpoint), "ddim", 1))
     obs = np.full((2, 5), 100.0, np.float32)
     actions = np.zeros(service.action_shape, np.float32)
     timing = {"queue_ms": 0.1, "compute_ms": 5.0, "total_ms": 5.2, "batch": 1}

@@ -1,9 +1,11 @@
-"""Choosing a policy's backend: torch eager, or its ONNX export on ONNX Runtime, built on first use.
+"""Backends for any exported denoiser: torch eager, or its ONNX export on ONNX Runtime or TensorRT, built on
+first use.
 
 Exports live in a cache folder (`$RTDIFF_CACHE`, default ~/.cache/rtdiff), one
 per (weights, schedule, batch sizes). One that is missing, corrupted or made
 from other weights is rebuilt, never half-used; a new one is written beside
 its final place and moved there whole, so a reader never sees a partial one.
+A backend returns a new denoiser module; the caller decides where it goes.
 """
 
 from __future__ import annotations
@@ -15,18 +17,14 @@ from pathlib import Path
 
 from rtdiff.export.exported import ExportError, load_manifest
 from rtdiff.export.onnx_export import export_onnx, sha256
-from rtdiff.export.onnxruntime_backend import use_onnxruntime
-from rtdiff.policies.accelerate import schedule_path_for
-from rtdiff.policies.checkpoint import checkpoint_hash
+from rtdiff.export.source import export_source
 from rtdiff.runtime.accel.bac import load_schedule
+from rtdiff.runtime.checkpoints import cache_root, checkpoint_hash
 
 log = logging.getLogger("rtdiff.export")
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "cudagraph")  # the last two: where a GPU (and tensorrt) exist
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RTDIFF_CACHE", Path.home() / ".cache" / "rtdiff"))
+EXPORTED = ("onnxruntime", "tensorrt")
 
 
 def export_folder(checkpoint: str, schedule: Path | None, batch_sizes: tuple[int, ...]) -> Path:
@@ -46,30 +44,34 @@ def ensure_onnx_export(checkpoint: str, schedule: Path | None, batch_sizes: tupl
             log.warning("rebuilding the export: %s", error)
     staging = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    export_onnx(checkpoint, staging, schedule, batch_sizes)
+    export_onnx(export_source(checkpoint), staging, schedule, batch_sizes)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
     return folder
 
 
-def with_backend(policy, checkpoint: str, backend: str, solver: str, steps: int, accel: str,
-                 batch_sizes: tuple[int, ...] = (1,), threads: int = 1):
-    """The policy running on `backend` (its denoiser replaced in place; unchanged for torch)."""
-    if backend == "torch":
-        return policy
-    if backend == "cudagraph":
-        from rtdiff.export.cudagraph import use_cudagraph
-
-        return use_cudagraph(policy)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    schedule = schedule_path_for(checkpoint, solver, steps) if accel in ("bac", "bac+sada") else None
+def exported_denoiser(checkpoint: str, backend: str, schedule: Path | None = None, batch_sizes: tuple[int, ...] = (1,),
+                      threads: int = 1, blocks: list[str] | None = None):
+    """The checkpoint's denoiser as an export running on `backend` (onnxruntime or tensorrt), exported on first
+    use with `schedule`'s segments; `blocks`: the torch model's block names, which the export must have."""
+    if backend not in EXPORTED:
+        raise ValueError(f"backend {backend!r} is not an exported backend; expected one of {', '.join(EXPORTED)}")
     if schedule is not None:
         load_schedule(schedule)  # a missing or broken schedule is named here, before any export
     folder = ensure_onnx_export(checkpoint, schedule, batch_sizes)
     if backend == "onnxruntime":
-        return use_onnxruntime(policy, folder, checkpoint_hash(checkpoint), threads)
-    from rtdiff.export.tensorrt_backend import TrtDenoiser
+        from rtdiff.export.onnxruntime_backend import OrtDenoiser
 
-    policy.denoiser = TrtDenoiser(folder, checkpoint_hash(checkpoint))
-    return policy
+        denoiser = OrtDenoiser(folder, checkpoint_hash(checkpoint), threads)
+    else:
+        from rtdiff.export.tensorrt_backend import TrtDenoiser
+
+        denoiser = TrtDenoiser(folder, checkpoint_hash(checkpoint))
+    if blocks is not None and denoiser.manifest["blocks"] != list(blocks):
+        raise ExportError(f"{folder} was exported from a model with other blocks than this one's")
+    return denoiser
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}; expected one of {', '.join(BACKENDS)}")

@@ -41,7 +41,8 @@ class GraphedSampler:
             raise ValueError("DDPM draws fresh noise from a CPU generator at every step; capture ddim or dpmpp")
         if getattr(accelerator, "name", "none") not in STATIC_ACCELERATORS:
             return self._per_step(denoiser, solver, noise, cond, accelerator)
-        key = (noise.shape, cond.shape, id(solver), id(accelerator))
+        # keyed by what the accelerator decides, not by the instance: each request brings its own
+        key = (noise.shape, cond.shape, id(solver), accelerator.static_key())
         if key not in self.graphs:
             self.graphs[key] = self._capture(denoiser, solver, noise, cond, accelerator)
         graph, static_noise, static_cond, static_out, counts = self.graphs[key]
@@ -53,7 +54,7 @@ class GraphedSampler:
 
     def _per_step(self, denoiser, solver, noise, cond, accelerator) -> torch.Tensor:
         """Steps decided at run time (SADA): the loop runs in Python, each model call replays a graph."""
-        if accelerator.hooks is not None:
+        if accelerator.cache is not None:
             raise ValueError(f"accelerator {accelerator.name!r} serves cached blocks from data-dependent decisions "
                              "(token-wise SADA); that cannot be captured")
         if id(denoiser) not in self.per_step:
@@ -110,14 +111,14 @@ def _counts(accelerator) -> dict:
     if accelerator is None:
         return {}
     counts = {name: getattr(accelerator, name) for name in ("model_calls", "steps", "trajectories")}
-    if accelerator.hooks is not None:
-        counts.update(evaluated=accelerator.hooks.cache.evaluated, requested=accelerator.hooks.cache.requested)
+    if accelerator.cache is not None:
+        counts.update(evaluated=accelerator.cache.evaluated, requested=accelerator.cache.requested)
     return counts
 
 
 def _add_counts(accelerator, counts: dict) -> None:
     for name, value in counts.items():
-        owner = accelerator.hooks.cache if name in ("evaluated", "requested") else accelerator
+        owner = accelerator.cache if name in ("evaluated", "requested") else accelerator
         setattr(owner, name, getattr(owner, name) + value)
 
 

@@ -1,10 +1,11 @@
 """An exported denoiser: a drop-in for a policy's torch denoiser that runs an export's pieces on some backend.
 
-Solvers and accelerators do not change. An accelerator that caches blocks gets
-the backend's own block cache instead of forward hooks (there are no torch
-blocks to hook): before each model call it names the blocks to compute, and
-each piece runs in its `full` form when all of its blocks are named, in its
-`cached` form when none are. A schedule that splits an exported segment is
+Solvers and accelerators do not change. An accelerator that caches blocks
+binds to the backend itself instead of forward hooks (there are no torch
+blocks to hook): its own block cache is the active one for each model call
+it makes, and names the blocks to compute; each piece runs in its `full`
+form when all of its blocks are named, in its `cached` form when none are.
+With no cache active every piece runs in full. A schedule that splits an exported segment is
 refused: export with that schedule.
 
 Everything in the folder is checked against the manifest's hashes before a
@@ -57,17 +58,6 @@ def load_manifest(folder: str | Path, checkpoint_sha256: str | None = None) -> d
     return manifest
 
 
-class _OwnCache:
-    """What an accelerator binds to instead of CacheHooks: the backend's own block cache."""
-
-    def __init__(self, cache: BlockCache):
-        self.cache = cache
-
-    def detach(self) -> None:
-        self.cache.compute = set(self.cache.names)
-        self.cache.tokens = None
-
-
 class ExportedDenoiser(nn.Module):
     """The piece-by-piece forward shared by backends; a backend says how values move and how a graph runs."""
 
@@ -76,8 +66,9 @@ class ExportedDenoiser(nn.Module):
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder, checkpoint_sha256)
         self.pieces = self.manifest["pieces"]
-        self.cache = BlockCache(list(self.manifest["blocks"]))
-        self.cache.compute = set(self.cache.names)
+        self.names = list(self.manifest["blocks"])
+        self.token_inputs: dict = {}  # token-wise compute runs on the torch backend only
+        self.cache: BlockCache | None = None  # the calling request's cache, for the duration of its call
 
     def graphs(self):
         """(batch, piece index, form, path) of every graph in the export."""
@@ -86,13 +77,17 @@ class ExportedDenoiser(nn.Module):
                 for batch, entry in piece[form]["files"].items():
                     yield int(batch), k, form, self.folder / entry["file"]
 
-    def block_cache_hooks(self) -> _OwnCache:
-        """For an accelerator binding: an empty cache and fresh counts, as a newly hooked torch model has."""
-        self.cache.reset()
-        return _OwnCache(self.cache)
+    def block_cache_hooks(self) -> ExportedDenoiser:
+        """What an accelerator binds to: the backend plays the part of the torch model's hooks."""
+        return self
+
+    def new_cache(self) -> BlockCache:
+        return BlockCache(list(self.names))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         cache = self.cache
+        if cache is None:  # no accelerator's cache: every block computes
+            cache = BlockCache(self.names, compute=set(self.names))
         if cache.tokens is not None:
             raise NotImplementedError("token-wise compute (SADA's partial steps) runs on the torch backend only")
         given = x.shape[0]

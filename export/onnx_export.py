@@ -31,9 +31,8 @@ from tqdm import tqdm
 
 from rtdiff.export.fp16 import half_precision
 from rtdiff.export.segments import Part, segments_from_schedule, split
-from rtdiff.policies.checkpoint import checkpoint_hash, load_policy
+from rtdiff.export.source import ExportSource, export_source
 from rtdiff.runtime.accel.bac import load_schedule
-from rtdiff.runtime.sampling import sample
 
 FORMAT = "rtdiff-export/1"
 MANIFEST = "manifest.json"
@@ -43,34 +42,32 @@ PRECISIONS = ("fp32", "fp16")
 CALIBRATION = "calibration.safetensors"
 
 
-def export_onnx(checkpoint: str, out: str | Path, schedule_path: str | Path | None = None,
+def export_onnx(checkpoint: str | ExportSource, out: str | Path, schedule_path: str | Path | None = None,
                 batch_sizes: tuple[int, ...] = (1,), precision: str = "fp32", opset: int = DEFAULT_OPSET) -> dict:
-    """Write the graphs and the manifest; returns the manifest."""
+    """Write the graphs and the manifest; returns the manifest. `checkpoint`: any registered checkpoint, or
+    the export source a modality built for one."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if opset < 17:
         raise ValueError(f"opset {opset}: rtdiff exports opset 17 or newer")
     out = Path(out)
-    policy = load_policy(checkpoint)
-    denoiser = policy.denoiser.eval()
-    weights = checkpoint_hash(checkpoint)
+    source = checkpoint if isinstance(checkpoint, ExportSource) else export_source(checkpoint)
+    denoiser = source.denoiser.eval()
+    weights = source.weights_sha256
     schedule, schedule_info = None, None
     if schedule_path is not None:
         schedule = load_schedule(Path(schedule_path))
         if schedule.get("checkpoint_sha256", weights) != weights:
-            raise ValueError(f"schedule {schedule_path} was calibrated on other weights than {checkpoint}")
+            raise ValueError(f"schedule {schedule_path} was calibrated on other weights than {source.label}")
         schedule_info = {"path": str(schedule_path), "sha256": sha256(Path(schedule_path).read_bytes()),
                          "solver": schedule.get("solver"), "steps": schedule["steps"]}
     block_names = [name for name, _ in denoiser.cache_blocks()]
     pieces = split(denoiser, segments_from_schedule(block_names, schedule))
 
-    config = policy.config
     manifest = {
-        "format": FORMAT, "checkpoint": str(checkpoint), "checkpoint_sha256": weights, "schedule": schedule_info,
-        "arch": config.arch, "opset": opset, "precision": precision, "batch_sizes": list(batch_sizes),
-        "torch": torch.__version__, "blocks": block_names,
-        "inputs": {"x": [config.horizon, config.action_dim], "t": [], "cond": [config.n_obs_steps, config.obs_dim]},
-        "values": {}, "pieces": [],
+        "format": FORMAT, "checkpoint": source.label, "checkpoint_sha256": weights, "schedule": schedule_info,
+        **source.description, "opset": opset, "precision": precision, "batch_sizes": list(batch_sizes),
+        "torch": torch.__version__, "blocks": block_names, "values": {}, "pieces": [],
     }
     for piece in pieces:
         manifest["pieces"].append({"blocks": piece.blocks, "block_values": piece.block_values,
@@ -83,7 +80,7 @@ def export_onnx(checkpoint: str, out: str | Path, schedule_path: str | Path | No
     examples = {}
     for batch, k, form in progress:
         if batch not in examples:
-            examples[batch] = _example_values(pieces, policy, batch)
+            examples[batch] = _example_values(pieces, source, batch)
             manifest["values"][str(batch)] = {name: list(v.shape) for name, v in examples[batch].items()}
         part = getattr(pieces[k], form)
         data = _onnx_bytes(part, examples[batch], opset, precision)
@@ -91,56 +88,31 @@ def export_onnx(checkpoint: str, out: str | Path, schedule_path: str | Path | No
         (out / relative).parent.mkdir(parents=True, exist_ok=True)
         (out / relative).write_bytes(data)
         manifest["pieces"][k][form]["files"][str(batch)] = {"file": relative, "sha256": sha256(data)}
-    if precision == "fp16":  # what `rtdiff export --check` runs the graphs on, looking for overflow
-        manifest["calibration"] = _write_calibration(policy, schedule, min(batch_sizes), out / CALIBRATION)
+    if precision == "fp16" and source.trajectory_inputs is not None:  # what `export --check` runs, for overflow
+        manifest["calibration"] = _write_calibration(source, schedule, min(batch_sizes), out / CALIBRATION)
     # The manifest goes last: a folder without one (an interrupted export) is never loaded.
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
 @torch.no_grad()
-def _example_values(pieces, policy, batch: int) -> dict[str, torch.Tensor]:
+def _example_values(pieces, source: ExportSource, batch: int) -> dict[str, torch.Tensor]:
     """Every value passed between pieces, from one full pass on example inputs (they fix the static shapes)."""
-    config = policy.config
-    generator = torch.Generator().manual_seed(0)
-    values = {
-        "x": torch.randn(batch, config.horizon, config.action_dim, generator=generator),
-        "t": torch.full((batch,), float(config.scheduler.num_train_timesteps // 2)),
-        "cond": torch.rand(batch, config.n_obs_steps, config.obs_dim, generator=generator) * 2 - 1,
-    }
+    values = dict(source.example_inputs(batch))
     for piece in pieces:
         outputs = piece.full.module(*(values[name] for name in piece.full.inputs))
         values.update(zip(piece.full.outputs, outputs))
     return values
 
 
-@torch.no_grad()
-def _write_calibration(policy, schedule: dict | None, batch: int, path: Path) -> dict:
-    """The model inputs (x_t, t, cond) at every step of real trajectories: demonstration observations,
-    the schedule's solver (DDIM 10 without one). Returns the manifest's record of it."""
-    from rtdiff.policies.accelerate import calibration_observations
-    from rtdiff.sims.tasks import TASKS
-
+def _write_calibration(source: ExportSource, schedule: dict | None, batch: int, path: Path) -> dict:
+    """The model inputs (x_t, t, cond) at every step of real trajectories, with the schedule's solver (DDIM 10
+    without one). Returns the manifest's record of it."""
     solver_name = (schedule or {}).get("solver", "ddim")
     steps = (schedule or {}).get("steps", 10)
-    solver = policy.make_solver(solver_name, steps)
-    task = TASKS.get(policy.config.task)
-    if task is not None and task.demos.is_file():
-        observations, source = calibration_observations(task.demos, policy, batch, seed=0), "demonstrations"
-    else:
-        observations, source = torch.rand(batch, policy.config.n_obs_steps, policy.config.obs_dim) * 2 - 1, "random"
-    cond = policy.obs_normalizer.normalize(observations) if source == "demonstrations" else observations
-    recorded = {"x": [], "t": []}
-
-    def recording(x, t, c):
-        recorded["x"].append(x.clone())
-        recorded["t"].append(t.to(torch.float32))
-        return policy.denoiser(x, t, c)
-
-    sample(recording, solver, policy.initial_noise(batch, torch.Generator().manual_seed(0)), cond)
-    tensors = {"x": torch.stack(recorded["x"]), "t": torch.stack(recorded["t"]), "cond": cond.contiguous()}
-    save_file(tensors, str(path))
-    return {"file": CALIBRATION, "sha256": sha256(path.read_bytes()), "source": source, "solver": solver_name,
+    tensors, origin = source.trajectory_inputs(batch, solver_name, steps)
+    save_file({name: value.contiguous() for name, value in tensors.items()}, str(path))
+    return {"file": CALIBRATION, "sha256": sha256(path.read_bytes()), "source": origin, "solver": solver_name,
             "steps": steps, "batch": batch}
 
 

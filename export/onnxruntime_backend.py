@@ -68,12 +68,3 @@ class OrtDenoiser(ExportedDenoiser):
             binding.bind_output(name, self.device)
         session.run_with_iobinding(binding)
         values.update(zip(part["outputs"], binding.get_outputs()))
-
-
-def use_onnxruntime(policy, folder: str | Path, checkpoint_sha256: str | None = None, threads: int = 1):
-    """The policy with its denoiser replaced by the export in `folder` (in place; returns the policy)."""
-    denoiser = OrtDenoiser(folder, checkpoint_sha256, threads)
-    if denoiser.manifest["blocks"] != [name for name, _ in policy.denoiser.cache_blocks()]:
-        raise ExportError(f"{folder} was exported from a model with other blocks than this policy's")
-    policy.denoiser = denoiser
-    return policy

@@ -124,7 +124,7 @@ class TrtDenoiser(ExportedDenoiser):
     def __init__(self, folder: str | Path, checkpoint_sha256: str | None = None, cache_dir: str | Path | None = None):
         _trt()  # fail first, and clearly, where TensorRT or the GPU is missing
         super().__init__(folder, checkpoint_sha256)
-        from rtdiff.export.backends import cache_root
+        from rtdiff.runtime.checkpoints import cache_root
 
         cache_dir = Path(cache_dir) if cache_dir else cache_root() / "tensorrt"
         self.stream = torch.cuda.Stream()

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtdiff.policies.checkpoint import checkpoint_hash, load_policy, resolve
-from rtdiff.runtime.accel import make_accelerator
+from rtdiff.policies.checkpoint import load_policy
+from rtdiff.runtime.accel import SCHEDULED, AcceleratorSpec, make_accelerator
 from rtdiff.runtime.accel.bac import (
     FORMAT,
     calibrate,
@@ -17,8 +17,15 @@ from rtdiff.runtime.accel.bac import (
     plot_schedule,
     record_block_outputs,
     save_schedule,
-    schedule_filename,
     step_sensitivity,
+)
+from rtdiff.runtime.checkpoints import (
+    bundled,
+    cached_schedule_path,
+    checkpoint_hash,
+    find_schedule,
+    resolve,
+    schedule_path,
 )
 from rtdiff.runtime.accel.base import Accelerator
 from rtdiff.runtime.accel.composed import skip_lattice
@@ -84,7 +91,8 @@ def bac_step_sensitivity(policy, solver_name: str, steps: int, demos_path: str |
     return step_sensitivity(names, steps, bac_output_error(policy, solver_name, steps, demos_path, observations, seed))
 
 
-def calibrate_bac(checkpoint: str, solver_name: str, steps: int, budget: int | None, demos_path: str | Path,
+def calibrate_bac(checkpoint: str, solver_name: str | None, steps: int | None, budget: int | None,
+                  demos_path: str | Path | None,
                   observations: int = 32, seed: int = 0, bubble: int = 5, out: str | Path | None = None,
                   fraction: float | None = None, sada: dict | None = None) -> tuple[dict, Path]:
     """A BAC schedule: `budget` updates per block and the paper's union of `bubble` blocks, or, with `fraction`,
@@ -98,6 +106,8 @@ def calibrate_bac(checkpoint: str, solver_name: str, steps: int, budget: int | N
     if fraction is not None and not 0 < fraction <= 1:
         raise ValueError(f"fraction of block evaluations must be in (0, 1], got {fraction}")
     policy = load_policy(checkpoint)
+    solver_name, steps = policy.solver_settings(solver_name, steps)
+    demos_path = demos_path or task_demos(policy)
     outputs = record_calibration(policy, solver_name, steps, demos_path, observations, seed)
     skippable = skip_lattice(steps, **sada) if sada is not None else set()
     allowed = set(range(steps)) - skippable
@@ -120,25 +130,45 @@ def calibrate_bac(checkpoint: str, solver_name: str, steps: int, budget: int | N
                      "similarity": "cached step vs every step that reuses it (official code's variant)"},
     )
     method = "bac" if sada is None else "bac+sada"
-    path = Path(out) if out else schedule_path_for(checkpoint, solver_name, steps, method)
+    path = Path(out) if out else default_schedule_path(checkpoint, solver_name, steps, method)
     save_schedule(schedule, path)
     plot_schedule(schedule, path.with_suffix(".png"))
     return schedule, path
 
 
-def schedule_path_for(checkpoint: str, solver_name: str, steps: int, method: str = "bac") -> Path:
-    """Where `rtdiff calibrate bac|bac+sada` puts a checkpoint's schedule by default, and where `--accel` looks."""
-    return resolve(checkpoint) / schedule_filename(solver_name, steps, method)
+def default_schedule_path(checkpoint: str, solver_name: str, steps: int, method: str = "bac") -> Path:
+    """Where `rtdiff calibrate` writes without --out: beside a user's checkpoint, and for a bundled one into the
+    cache directory (the source tree is never written); `find_schedule` looks in the cache first."""
+    if resolve(checkpoint) in bundled().values():
+        return cached_schedule_path(checkpoint, solver_name, steps, method)
+    return schedule_path(checkpoint, solver_name, steps, method)
+
+
+def task_demos(policy) -> Path:
+    """The demonstrations of the task a policy was trained for: what calibration draws observations from."""
+    from rtdiff.sims.tasks import get_task
+
+    return get_task(policy.config.task).demos
+
+
+def accelerator_spec(name: str, checkpoint: str, solver_name: str, steps: int, options: dict | None = None,
+                     schedule: dict | None = None) -> AcceleratorSpec:
+    """How to make the named accelerator for a checkpoint, once per request; `bac` and `bac+sada` read their own
+    schedule (the cache's, else the one shipped beside the checkpoint) unless given one."""
+    if name in SCHEDULED and schedule is None:
+        path = find_schedule(checkpoint, solver_name, steps, name)
+        if path is None:
+            raise FileNotFoundError(
+                f"no {name} schedule for {checkpoint} at {solver_name} {steps} steps: run `rtdiff calibrate "
+                f"{name} --checkpoint {checkpoint} --solver {solver_name} --steps {steps} --fraction F`")
+        schedule = load_schedule(path)
+    if schedule is not None and name not in SCHEDULED:
+        raise ValueError(f"accelerator {name!r} takes no schedule")
+    return AcceleratorSpec(name, dict(options or {}), schedule, solver_name, steps,
+                           checkpoint_hash(checkpoint) if schedule is not None else None)
 
 
 def policy_accelerator(name: str, checkpoint: str, solver_name: str, steps: int, schedule: dict | None = None,
                        **options) -> Accelerator:
-    """The named accelerator for a checkpoint; `bac` reads the schedule calibrated beside it unless given one."""
-    if name in ("bac", "bac+sada"):
-        if schedule is None:
-            schedule = load_schedule(schedule_path_for(checkpoint, solver_name, steps, name))
-        return make_accelerator(name, schedule=schedule, solver=solver_name, steps=steps,
-                                checkpoint_hash=checkpoint_hash(checkpoint), **options)
-    if schedule is not None:
-        raise ValueError(f"accelerator {name!r} takes no schedule")
-    return make_accelerator(name, **options)
+    """One accelerator (one trajectory's context at a time) for a checkpoint: `accelerator_spec(...)()`."""
+    return accelerator_spec(name, checkpoint, solver_name, steps, options, schedule)()

@@ -37,6 +37,10 @@ class PolicyConfig:
     causal_attn: bool = True
     adaln: bool = False  # adaLN-Zero modulation from (step, observations) on every sub-block; False: Diffusion Policy's
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # the solver a run uses when the user names none: the checkpoint's own (LeRobot's noise_scheduler_type and
+    # num_inference_steps); rtdiff's bundled policies are documented and measured at DDIM 10
+    default_solver: str = "ddim"
+    default_steps: int = 10
 
     def __post_init__(self):
         if isinstance(self.scheduler, dict):

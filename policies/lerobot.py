@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rtdiff.policies.checkpoint import WEIGHTS_FILE, load_state_dict_checked, read_safetensors
+from rtdiff.runtime.checkpoints import WEIGHTS_FILE, load_state_dict_checked, read_safetensors
 from rtdiff.policies.config import PolicyConfig
 from rtdiff.policies.modeling import DiffusionPolicy
 from rtdiff.runtime.solvers import SchedulerConfig
@@ -46,6 +46,8 @@ def load_lerobot_policy(folder: Path, payload: dict) -> DiffusionPolicy:
         n_groups=payload["n_groups"],
         diffusion_step_embed_dim=payload["diffusion_step_embed_dim"],
         use_film_scale_modulation=payload.get("use_film_scale_modulation", True),
+        default_solver=_solver_name(payload),
+        default_steps=payload.get("num_inference_steps") or payload["num_train_timesteps"],
         scheduler=SchedulerConfig(
             num_train_timesteps=payload["num_train_timesteps"],
             beta_schedule=payload["beta_schedule"],
@@ -68,6 +70,13 @@ def load_lerobot_policy(folder: Path, payload: dict) -> DiffusionPolicy:
     policy = DiffusionPolicy(config)
     load_state_dict_checked(policy, state, source=str(folder))
     return policy.eval()
+
+
+def _solver_name(payload: dict) -> str:
+    kind = str(payload.get("noise_scheduler_type", "DDPM")).lower()
+    if kind not in ("ddpm", "ddim"):
+        raise ValueError(f"LeRobot noise_scheduler_type {payload.get('noise_scheduler_type')!r}: expected DDPM or DDIM")
+    return kind
 
 
 def _feature_shapes(payload: dict) -> tuple[dict, dict]:

@@ -10,7 +10,6 @@ from rtdiff.policies.normalizer import MinMaxNormalizer
 from rtdiff.policies.transformer import TransformerDenoiser
 from rtdiff.policies.unet import ConditionalUnet1d
 from rtdiff.runtime.accel.base import Accelerator
-from rtdiff.runtime.accel.hooks import carries_hooks
 from rtdiff.runtime.sampling import sample, trajectory
 from rtdiff.runtime.solvers import Solver, make_solver
 
@@ -26,8 +25,14 @@ class DiffusionPolicy(nn.Module):
         self.action_normalizer = MinMaxNormalizer(config.action_dim)
         self.sampler = sample  # the whole trajectory; a backend may swap it (export/cudagraph.py replays a graph)
 
-    def make_solver(self, name: str, steps: int) -> Solver:
+    def make_solver(self, name: str | None = None, steps: int | None = None) -> Solver:
+        """The named solver on this policy's noise schedule; without a name or step count, the checkpoint's own."""
+        name, steps = self.solver_settings(name, steps)
         return make_solver(name, self.config.scheduler, steps)
+
+    def solver_settings(self, name: str | None = None, steps: int | None = None) -> tuple[str, int]:
+        """(solver, steps) with what the user left out taken from the checkpoint."""
+        return name or self.config.default_solver, steps or self.config.default_steps
 
     def check_observations(self, obs: torch.Tensor) -> None:
         expected = (self.config.n_obs_steps, self.config.obs_dim)
@@ -47,15 +52,8 @@ class DiffusionPolicy(nn.Module):
         cond = self.obs_normalizer.normalize(obs.to(device, torch.float32))
         if noise is None:
             noise = self.initial_noise(obs.shape[0], generator)
-        self._bind(accelerator)
         actions = self.sampler(self.denoiser, solver, noise.to(device), cond, generator, accelerator)
         return self.action_normalizer.unnormalize(actions).to(obs.device)
-
-    def _bind(self, accelerator: Accelerator | None) -> None:
-        if accelerator is not None:
-            accelerator.bind(self.denoiser)
-        elif carries_hooks(self.denoiser):  # its blocks would follow the last plan of an absent accelerator
-            raise RuntimeError("this policy carries an accelerator's hooks: pass that accelerator, or unbind() it")
 
     def initial_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn((batch, self.config.horizon, self.config.action_dim), generator=generator, dtype=torch.float32)
@@ -78,7 +76,6 @@ class DiffusionPolicy(nn.Module):
         step, and at the last step the final sample (what `predict_actions` returns)."""
         self.check_observations(obs)
         cond = self.obs_normalizer.normalize(obs.to(torch.float32))
-        self._bind(accelerator)
         last = len(solver.timesteps) - 1
         for step in trajectory(self.denoiser, solver, noise, cond, generator, accelerator):
             estimate = step.x if step.i == last else step.x0

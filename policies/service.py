@@ -1,9 +1,12 @@
 """A policy as a served model: observation history in, executed actions out, batched across requests.
 
 Stateless per request (the client keeps the episode), so requests from any
-clients batch together. Each request's initial noise is drawn on its own (from
-its `seed` when it gives one), so an answer does not depend on what it was
-batched with. (DDPM's per-step noise comes from the service's generator.)
+clients batch together. Everything that belongs to one trajectory is made per
+request: its accelerator (block caches, step counters, SADA's history) from
+the service's `AcceleratorSpec`, its initial noise, and the generator DDPM
+draws per-step noise from, both seeded from the request's `seed` when it
+gives one. So a seeded stream's answer does not depend on what else the
+server runs between its steps.
 
 `act`: arrays {"obs": float32 (n_obs_steps, obs_dim)}, params {"seed": int}
 (optional) -> arrays {"actions": float32 (n_action_steps, action_dim)}.
@@ -13,35 +16,37 @@ estimate so far (the last reply is what `act` returns).
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import torch
 
-from rtdiff.policies.accelerate import policy_accelerator
-from rtdiff.policies.checkpoint import checkpoint_hash, load_policy
+from rtdiff.policies.accelerate import accelerator_spec
+from rtdiff.policies.backend import with_backend
+from rtdiff.policies.checkpoint import load_policy
+from rtdiff.runtime.checkpoints import checkpoint_hash
 from rtdiff.runtime.protocol import Message, ProtocolError
+from rtdiff.runtime.run import RunConfig
 
 
 class PolicyService:
     batchable = True
 
-    def __init__(self, checkpoint: str, solver: str = "ddim", steps: int = 10, accel: str = "none", seed: int = 0,
-                 backend: str = "torch", batch_sizes: tuple[int, ...] = (1, 4, 16), threads: int = 1,
-                 accel_options: dict | None = None):
-        from rtdiff.export.backends import with_backend
-
-        self.checkpoint = str(checkpoint)
-        # batch_sizes: the static shapes an exported backend is built for; other batches run padded up
-        self.policy = with_backend(load_policy(checkpoint), checkpoint, backend, solver, steps, accel, batch_sizes,
-                                   threads)
-        self.solver = self.policy.make_solver(solver, steps)
-        self.accel_options = dict(accel_options or {})
-        self.accelerator = policy_accelerator(accel, checkpoint, solver, steps, **self.accel_options)
-        self.solver_name, self.steps, self.accel, self.backend = solver, steps, accel, backend
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, run: RunConfig):
+        policy = load_policy(run.checkpoint)
+        self.run = run = run.with_solver(*policy.solver_settings())
+        self.checkpoint = run.checkpoint
+        self.policy = with_backend(policy, run.checkpoint, run.backend, run.solver, run.steps, run.accel,
+                                   run.batch_sizes, run.threads)
+        self.solver = self.policy.make_solver(run.solver, run.steps)
+        self.new_accelerator = accelerator_spec(run.accel, run.checkpoint, run.solver, run.steps, run.accel_options,
+                                                run.accel_schedule)
+        self.generator = torch.Generator().manual_seed(run.seed)  # for requests without a seed
         config = self.policy.config
         self.obs_shape = (config.n_obs_steps, config.obs_dim)
         self.action_shape = (config.n_action_steps, config.action_dim)
-        self.hash = checkpoint_hash(checkpoint)
+        self.hash = checkpoint_hash(run.checkpoint)
+        self.recent_stats: deque[dict] = deque(maxlen=1000)  # per finished trajectory, for `stats`
 
     def info(self) -> dict:
         return {
@@ -53,12 +58,12 @@ class PolicyService:
             "ops": ["act", "stream"],
             "inputs": [{"name": "obs", "dtype": "float32", "shape": list(self.obs_shape)}],
             "outputs": [{"name": "actions", "dtype": "float32", "shape": list(self.action_shape)}],
-            "params": {"seed": "optional integer in [0, 2^63): fixes the request's initial noise"},
-            "solver": self.solver_name,
-            "steps": self.steps,
-            "accel": self.accel,
-            "accel_options": self.accel_options,
-            "backend": self.backend,
+            "params": {"seed": "optional integer in [0, 2^63): fixes the request's noise"},
+            "solver": self.run.solver,
+            "steps": self.run.steps,
+            "accel": self.run.accel,
+            "accel_options": self.run.accel_options,
+            "backend": self.run.backend,
         }
 
     def check(self, message: Message) -> None:
@@ -78,25 +83,37 @@ class PolicyService:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise ProtocolError("bad_message", "seed must be an integer in [0, 2^63)")
 
-    def _noise(self, messages: list[Message]) -> torch.Tensor:
-        noises = []
-        for message in messages:
-            seed = message.params.get("seed")
-            generator = torch.Generator().manual_seed(seed) if seed is not None else self.generator
-            noises.append(self.policy.initial_noise(1, generator))
-        return torch.cat(noises)
+    def _generator(self, message: Message) -> torch.Generator:
+        seed = message.params.get("seed")
+        return torch.Generator().manual_seed(seed) if seed is not None else self.generator
 
     def run_batch(self, messages: list[Message]) -> list[dict[str, np.ndarray]]:
         obs = torch.from_numpy(np.stack([m.arrays["obs"] for m in messages]))
-        actions = self.policy.predict_actions(obs, self.solver, self.generator, self.accelerator, self._noise(messages))
+        generators = [self._generator(m) for m in messages]
+        noise = torch.cat([self.policy.initial_noise(1, g) for g in generators])
+        accelerator = self.new_accelerator()  # DDPM's per-step noise: row by row, each request's own generator
+        actions = self.policy.predict_actions(obs, self.solver, generators, accelerator, noise)
+        self.recent_stats.append(accelerator.stats())
         return [{"actions": a} for a in actions.numpy()]
 
     def stream(self, message: Message):
         """Yields (arrays, result, final) per solver step."""
         obs = torch.from_numpy(np.array(message.arrays["obs"]))[None]
-        steps = self.policy.refine_actions(obs, self.solver, self._noise([message]), self.accelerator, self.generator)
+        generator = self._generator(message)
+        noise = self.policy.initial_noise(1, generator)
+        accelerator = self.new_accelerator()
+        steps = self.policy.refine_actions(obs, self.solver, noise, accelerator, generator)
         for i, actions in steps:
-            yield {"actions": actions[0].numpy()}, {"step": i, "steps": self.steps}, i == self.steps - 1
+            final = i == self.run.steps - 1
+            if final:
+                self.recent_stats.append(accelerator.stats())
+            yield {"actions": actions[0].numpy()}, {"step": i, "steps": self.run.steps}, final
 
     def stats(self) -> dict:
-        return self.accelerator.stats()
+        """The accelerator's figures averaged over recent trajectories."""
+        recent = list(self.recent_stats)
+        if not recent:
+            return {"accel": self.run.accel, "trajectories": 0}
+        numbers = {key for stats in recent for key, value in stats.items() if isinstance(value, (int, float))}
+        return {"accel": self.run.accel, "trajectories": len(recent),
+                **{key: float(np.mean([stats.get(key, 0.0) for stats in recent])) for key in sorted(numbers)}}

@@ -1,4 +1,5 @@
-"""The `rtdiff` command line: expert, demos, train, calibrate, export, eval, demo, serve, sim, keys.
+"""The `rtdiff` command line: serve, export, keys, and the subcommands each installed modality registers
+(policies: expert, demos, train, calibrate, eval, demo, sim).
 
 Every failure a user can cause (a missing checkpoint, a wrong shape, an unknown
 solver) ends in one line, `rtdiff: error: ...`, and exit status 2.
@@ -7,170 +8,15 @@ solver) ends in one line, `rtdiff: error: ...`, and exit status 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
 
-from rtdiff.sims.tasks import TASKS
 
-DEMOS_PATH = TASKS["pusht"].demos
-EVAL_SEED = 100_000  # evaluation seeds start here, far from the demonstration seeds 0..N-1
-
-
-def _write_json(path: str | None, payload: dict) -> None:
+def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
-
-
-def cmd_expert(args) -> None:
-    from rtdiff.sims.tasks import get_task, summarize
-
-    seeds = range(args.seed, args.seed + args.episodes)
-    episodes = get_task(args.task).load().run_expert(seeds, workers=args.workers)
-    report = {"task": args.task, "controller": "expert", **summarize(episodes)}
-    print(f"{args.task} expert  episodes {report['episodes']}  score_mean {report['score_mean']:.3f}  "
-          f"success_rate {report['success_rate']:.2f}")
-    _write_json(args.json, report)
-
-
-def cmd_demos(args) -> None:
-    from rtdiff.sims.demos import save_demos
-    from rtdiff.sims.tasks import get_task, summarize
-
-    task = get_task(args.task)
-    module = task.load()
-    seeds = range(args.seed, args.seed + args.episodes)
-    noise = {"noise": task.demo_noise} if task.demo_noise else {}
-    episodes = module.run_expert(seeds, workers=args.workers, **noise)
-    report = summarize(episodes)
-    meta = {"task": task.name, "obs_type": "state", "generator": task.expert, "execution_noise": task.demo_noise,
-            "seeds": [args.seed, args.seed + args.episodes], "score_mean": report["score_mean"],
-            "success_rate": report["success_rate"],
-            "command": f"rtdiff demos {task.name} --episodes {args.episodes} --seed {args.seed}"}
-    args.out = args.out or str(task.demos)
-    kept = [demo for demo in map(module.demonstration, episodes) if demo is not None]  # None: not worth imitating
-    meta["episodes_kept"] = len(kept)
-    save_demos(args.out, kept, meta)
-    print(f"wrote {args.out}: {len(episodes)} episodes, expert score_mean {report['score_mean']:.3f}")
-
-
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "policies" / "checkpoints"
-# Diffusion Policy's horizons. The transformer attends without causal masks: on these demonstrations it
-# trains much faster (denoising loss 0.054 vs 0.078 after 800 steps, same seed and learning rate).
-# adaLN conditioning: see policies/transformer.py.
-ARCH_DEFAULTS = {"unet": {"horizon": 16}, "transformer": {"horizon": 10, "causal_attn": False, "adaln": True}}
-ARCH_LR = {"unet": 1e-3, "transformer": 1e-3}
-
-
-def cmd_train(args) -> None:
-    from rtdiff.policies.checkpoint import checkpoint_hash, load_policy, read_metadata, save_policy
-    from rtdiff.policies.config import PolicyConfig
-    from rtdiff.policies.train import TrainConfig, train
-    from rtdiff.sims.demos import load_demos
-
-    from rtdiff.sims.tasks import get_task
-
-    task = get_task(args.task)
-    demos = load_demos(args.demos or task.demos)
-    if demos.meta.get("task", task.name) != task.name:
-        raise ValueError(f"{args.demos} holds {demos.meta['task']} demonstrations, not {task.name}")
-    config = PolicyConfig(arch=args.arch, task=task.name, obs_dim=demos.observations.shape[1],
-                          action_dim=demos.actions.shape[1], **ARCH_DEFAULTS[args.arch])
-    args.lr = args.lr or ARCH_LR[args.arch]
-    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                               threads=args.threads)
-    init, lineage = None, {}
-    if args.init:  # go on from a checkpoint; its own command is kept, so the chain can be replayed
-        init = load_policy(args.init)
-        lineage = {"init": str(args.init), "init_sha256": checkpoint_hash(args.init),
-                   "init_command": read_metadata(args.init).get("command", "")}
-    policy, report = train(demos, config, train_config, init=init)
-    command = (f"rtdiff train {task.name} --arch {args.arch} --steps {args.steps} --batch-size {args.batch_size} "
-               f"--lr {args.lr} --seed {args.seed} --threads {args.threads}" + (f" --init {args.init}" if init else ""))
-    out = args.out or CHECKPOINTS / f"{task.name}-{args.arch}"
-    save_policy(policy, out, metadata={"command": command, **lineage, "demos": demos.meta.get("command", ""), **report})
-    print(f"wrote {out}: {report}")
-
-
-def cmd_eval(args) -> None:
-    from rtdiff.policies.evaluate import evaluate, format_table
-
-    args.checkpoint = args.checkpoint or f"{args.task}-unet"
-    options = _accel_options(args)
-    report = evaluate(args.checkpoint, args.episodes, args.seed, args.solver, args.steps, accel=args.accel,
-                      workers=args.workers, accel_options=options, task=args.task, backend=args.backend)
-    report["accel_options"] = options
-    print(format_table([report]))
-    _write_json(args.json, report)
-
-
-def _accel_options(args) -> dict:
-    from rtdiff.runtime.accel import parse_options
-
-    return parse_options(args.accel, args.accel_option)
-
-
-@contextlib.contextmanager
-def _local_server(task: str, checkpoint: str, solver: str, steps: int, accel: str, backend: str,
-                  accel_options: list[str]):
-    """A server process for one policy on a private ipc socket; yields its address, stops it after."""
-    import signal
-    import subprocess
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="rtdiff-serve-") as workdir:
-        address = f"ipc://{workdir}/server.ipc"
-        server = subprocess.Popen(
-            [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", f"{task}={checkpoint}", "--bind", address,
-             "--solver", solver, "--steps", str(steps), "--accel", accel, "--threads", "1", "--backend", backend,
-             *(f"--accel-option={pair}" for pair in accel_options)],
-            stdout=subprocess.PIPE, text=True)
-        try:
-            line = server.stdout.readline()
-            if not line.startswith("serving"):
-                raise ValueError(f"the server did not start (exit {server.wait()}): {line.strip()}")
-            print(line.strip(), flush=True)
-            yield address
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
-
-
-def cmd_demo(args) -> None:
-    """What `make demo` runs: a server process with the bundled UNet policy and a sim client process that
-    runs seeded episodes against it over ZeroMQ in real time, prints the table, writes one rollout as a
-    video, and then the server is shut down."""
-    import subprocess
-
-    checkpoint = args.checkpoint or f"{args.task}-unet"
-    _accel_options(args)  # a bad option fails here, not in the server process
-    with _local_server(args.task, checkpoint, args.solver, args.steps, args.accel, args.backend,
-                       args.accel_option) as address:
-        sim = subprocess.run(
-            [sys.executable, "-m", "rtdiff.runtime.cli", "sim", args.task, "--server", address, "--episodes",
-             str(args.episodes), "--seed", str(args.seed), "--workers", str(args.workers), "--video", args.video,
-             "--json", args.json])
-    if sim.returncode != 0:
-        raise ValueError(f"the sim client failed (exit {sim.returncode})")
-    print(f"rollout of seed {args.seed}: {Path(args.video).resolve()}; report: {Path(args.json).resolve()}")
-
-
-def cmd_calibrate(args) -> None:
-    from rtdiff.policies.accelerate import calibrate_bac
-
-    budget = 4 if args.budget is None and args.fraction is None else args.budget
-    sada = {"window": tuple(args.window), "max_consecutive": args.max_consecutive} if args.method == "bac+sada" else None
-    schedule, path = calibrate_bac(args.checkpoint, args.solver, args.steps, budget, args.demos,
-                                   observations=args.observations, seed=args.seed, bubble=args.bubble, out=args.out,
-                                   fraction=args.fraction, sada=sada)
-    print(f"wrote {path} and {path.with_suffix('.png')}: budget {schedule['budget']}, block_evals_fraction "
-          f"{schedule['block_evals_fraction']:.3f}, bubbled {schedule['bubbled']}")
-    for candidate in schedule.get("candidates", []):  # --fraction: what the action error chose from
-        print(f"  candidate {candidate['objective']:<20} budget {candidate['budget']:3d} bubble {candidate['bubble']:2d}"
-              f"{' joint' if candidate['joint'] else '      '} blocks {candidate['block_evals_fraction']:.3f} "
-              f"action MSE {candidate['output_error']:.2e}")
 
 
 def cmd_export(args) -> None:
@@ -202,47 +48,31 @@ def cmd_serve(args) -> None:
 
     import torch
 
-    from rtdiff.policies.service import PolicyService
+    from rtdiff.runtime.accel import parse_options
+    from rtdiff.runtime.run import RunConfig
     from rtdiff.runtime.server import Server, ServerConfig
+    from rtdiff.runtime.service import make_service
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
-    options = _accel_options(args)
+    options = parse_options(args.accel, args.accel_option)
+    # an exported backend is built for these batch sizes (static shapes); batches between run padded up
+    batch_sizes = tuple(sorted({1, min(4, args.max_batch), min(16, args.max_batch), args.max_batch}))
     services = {}
     for spec in args.model:
         name, sep, checkpoint = spec.partition("=")
         if not sep or not name or not checkpoint:
             raise ValueError(f"--model takes NAME=CHECKPOINT, got {spec!r}")
-        # an exported backend is built for these batch sizes (static shapes); batches between run padded up
-        batch_sizes = tuple(sorted({1, min(4, args.max_batch), min(16, args.max_batch), args.max_batch}))
-        services[name] = PolicyService(checkpoint, args.solver, args.steps, args.accel, backend=args.backend,
-                                       batch_sizes=batch_sizes, threads=args.threads, accel_options=options)
+        run = RunConfig(checkpoint, args.solver, args.steps, accel=args.accel, accel_options=options,
+                        backend=args.backend, batch_sizes=batch_sizes, threads=args.threads)
+        services[name] = make_service(run)
     config = ServerConfig(bind=args.bind, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, curve_dir=args.curve)
     server = Server(services, config)
-    print(f"serving {', '.join(f'{n}={s.checkpoint}' for n, s in services.items())} on {server.address} "
-          f"({args.solver} {args.steps}, accel {args.accel}, backend {args.backend}, max batch {args.max_batch}"
-          f"{', CURVE' if args.curve else ''})", flush=True)
+    settings = "; ".join(f"{n}={s.run.checkpoint} {s.run.solver} {s.run.steps}" for n, s in services.items())
+    print(f"serving {settings} on {server.address} (accel {args.accel}, backend {args.backend}, max batch "
+          f"{args.max_batch}{', CURVE' if args.curve else ''})", flush=True)
     server.serve_forever(handle_signals=True)
     print("server stopped", flush=True)
-
-
-def cmd_sim(args) -> None:
-    from rtdiff.sims.remote import format_remote_table, run_remote
-
-    def run(address: str) -> dict:
-        return run_remote(args.task, address, args.model, args.episodes, args.seed, args.rate, args.workers,
-                          curve_dir=args.curve, video=args.video)
-
-    if args.backend is None:
-        report = run(args.server)
-    else:  # a server of our own, for this policy on this backend
-        checkpoint = args.checkpoint or f"{args.task}-unet"
-        _accel_options(args)
-        with _local_server(args.task, checkpoint, args.solver, args.steps, args.accel, args.backend,
-                           args.accel_option) as address:
-            report = run(address)
-    print(format_remote_table(report))
-    _write_json(args.json, report)
 
 
 def cmd_keys(args) -> None:
@@ -260,72 +90,10 @@ def cmd_keys(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rtdiff.runtime.registry import modalities
+
     parser = argparse.ArgumentParser(prog="rtdiff", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-
-    expert = commands.add_parser("expert", help="run the scripted PushT expert and report its score")
-    expert.add_argument("task", choices=sorted(TASKS))
-    expert.add_argument("--episodes", type=int, default=50)
-    expert.add_argument("--seed", type=int, default=EVAL_SEED)
-    expert.add_argument("--workers", type=int, default=2)
-    expert.add_argument("--json")
-    expert.set_defaults(run=cmd_expert)
-
-    demos = commands.add_parser("demos", help="generate expert demonstrations into one safetensors file")
-    demos.add_argument("task", choices=sorted(TASKS))
-    demos.add_argument("--episodes", type=int, default=200)
-    demos.add_argument("--seed", type=int, default=0)
-    demos.add_argument("--workers", type=int, default=2)
-    demos.add_argument("--out", help="demonstration file (default: the bundled one for the task)")
-    demos.set_defaults(run=cmd_demos)
-
-    train = commands.add_parser("train", help="train a diffusion policy on the PushT demonstrations (CPU)")
-    train.add_argument("task", choices=sorted(TASKS))
-    train.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="unet")
-    train.add_argument("--steps", type=int, default=4000)
-    train.add_argument("--batch-size", type=int, default=256)
-    train.add_argument("--lr", type=float, help="peak learning rate (default: per architecture)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it slightly)")
-    train.add_argument("--demos", help="demonstration file (default: the bundled one for the task)")
-    train.add_argument("--out", help="checkpoint folder (default: the bundled TASK-ARCH)")
-    train.add_argument("--init", help="go on from this checkpoint (name or folder) instead of starting afresh")
-    train.set_defaults(run=cmd_train)
-
-    def add_eval_options(sub, episodes: int) -> None:
-        sub.add_argument("task", choices=sorted(TASKS))
-        sub.add_argument("--checkpoint", help="bundled name or checkpoint folder (default: TASK-unet)")
-        sub.add_argument("--episodes", type=int, default=episodes)
-        sub.add_argument("--seed", type=int, default=EVAL_SEED)
-        sub.add_argument("--solver", default="ddim", help="ddim | ddpm | dpmpp")
-        sub.add_argument("--steps", type=int, default=10)
-        sub.add_argument("--accel", default="none", help="none | uniform | bac | sada | bac+sada (bac, bac+sada: `rtdiff calibrate` first)")
-        sub.add_argument("--accel-option", action="append", default=[], metavar="KEY=VALUE",
-                         help="an accelerator option, VALUE in JSON, e.g. threshold=0.02 or window=[0.1,0.9] (repeatable)")
-        sub.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt (exported and built on first use, cached)")
-        sub.add_argument("--json")
-
-    calibrate = commands.add_parser("calibrate", help="calibrate an accelerator's schedule for a checkpoint")
-    calibrate.add_argument("method", choices=["bac", "bac+sada"],
-                           help="bac+sada: refreshes kept off the steps SADA may skip (--window, --max-consecutive)")
-    calibrate.add_argument("--checkpoint", default="pusht-unet")
-    calibrate.add_argument("--solver", default="ddim")
-    calibrate.add_argument("--steps", type=int, default=10)
-    size = calibrate.add_mutually_exclusive_group()
-    size.add_argument("--budget", type=int, help="update steps per block before bubbling (default 4)")
-    size.add_argument("--fraction", type=float,
-                      help="at most this fraction of block evaluations; budget, bubbling and objective (similarity, "
-                           "or similarity weighted by each step's measured sensitivity) chosen by action error")
-    calibrate.add_argument("--bubble", type=int, default=5, help="with --budget: blocks given downstream feed-forward updates")
-    calibrate.add_argument("--window", type=float, nargs=2, default=(0.1, 0.97), metavar=("LO", "HI"),
-                           help="bac+sada: the part of the trajectory SADA may skip in")
-    calibrate.add_argument("--max-consecutive", type=int, default=2, help="bac+sada: skips in a row")
-    calibrate.add_argument("--observations", type=int, default=32)
-    calibrate.add_argument("--seed", type=int, default=0)
-    calibrate.add_argument("--demos", default=str(DEMOS_PATH))
-    calibrate.add_argument("--out", help="schedule JSON (default: beside the checkpoint, where --accel looks)")
-    calibrate.set_defaults(run=cmd_calibrate)
-
     export = commands.add_parser("export", help="export a policy to ONNX, one graph per schedule segment; or check one")
     export.add_argument("--checkpoint", help="bundled name or checkpoint folder")
     export.add_argument("--schedule", help="BAC schedule JSON: its segments become the graphs (default: one segment)")
@@ -337,23 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--check", metavar="DIR", help="check an export for TensorRT instead; exit 1 on problems")
     export.set_defaults(run=cmd_export)
 
-    evaluate = commands.add_parser("eval", help="closed-loop evaluation of a policy in PushT")
-    add_eval_options(evaluate, episodes=50)
-    evaluate.add_argument("--workers", type=int, default=1, help="parallel processes (one torch thread each)")
-    evaluate.set_defaults(run=cmd_eval)
-
-    demo = commands.add_parser("demo", help="serve the bundled UNet policy and run the sim against it over ZeroMQ")
-    add_eval_options(demo, episodes=10)
-    demo.add_argument("--workers", type=int, default=5, help="sim client processes (episodes run in real time)")
-    demo.add_argument("--video", default="out/pusht_rollout.mp4")
-    demo.set_defaults(run=cmd_demo, json="out/demo.json")
-
-    serve = commands.add_parser("serve", help="serve policies over ZeroMQ (docs/protocol.md)")
+    serve = commands.add_parser("serve", help="serve models over ZeroMQ (docs/protocol.md)")
     serve.add_argument("--model", action="append", required=True, metavar="NAME=CHECKPOINT",
                        help="a model to serve under NAME (repeatable)")
     serve.add_argument("--bind", default="tcp://127.0.0.1:5555")
-    serve.add_argument("--solver", default="ddim")
-    serve.add_argument("--steps", type=int, default=10)
+    serve.add_argument("--solver", help="ddim | ddpm | dpmpp | flow (default: each checkpoint's own)")
+    serve.add_argument("--steps", type=int, help="solver steps (default: each checkpoint's own)")
     serve.add_argument("--accel", default="none")
     serve.add_argument("--accel-option", action="append", default=[], metavar="KEY=VALUE",
                        help="an accelerator option, VALUE in JSON, e.g. threshold=0.02 or window=[0.1,0.9] (repeatable)")
@@ -365,31 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--curve", metavar="KEYDIR", help="encrypt and authenticate with the keys `rtdiff keys` made")
     serve.set_defaults(run=cmd_serve)
 
-    sim = commands.add_parser("sim", help="run a simulator as a client of an rtdiff server, in real time")
-    sim.add_argument("task", choices=sorted(TASKS))
-    sim.add_argument("--server", default="tcp://127.0.0.1:5555")
-    sim.add_argument("--model", help="served model name (default: the only one)")
-    sim.add_argument("--episodes", type=int, default=50)
-    sim.add_argument("--seed", type=int, default=EVAL_SEED)
-    sim.add_argument("--rate", type=float, help="control rate, Hz (default: the task's, 10 for PushT, 20 for Lift)")
-    sim.add_argument("--workers", type=int, default=1, help="client processes, each running its share of episodes")
-    sim.add_argument("--curve", metavar="KEYDIR")
-    sim.add_argument("--video", help="write the first episode as a video (mp4 or gif)")
-    sim.add_argument("--json")
-    local = sim.add_argument_group("a local server", "with --backend, sim starts its own server for --checkpoint "
-                                   "instead of connecting to --server")
-    local.add_argument("--backend", help="torch | onnxruntime | tensorrt")
-    local.add_argument("--checkpoint", help="bundled name or checkpoint folder (default: TASK-unet)")
-    local.add_argument("--solver", default="ddim")
-    local.add_argument("--steps", type=int, default=10)
-    local.add_argument("--accel", default="none")
-    local.add_argument("--accel-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="an accelerator option, VALUE in JSON, e.g. threshold=0.02 or window=[0.1,0.9] (repeatable)")
-    sim.set_defaults(run=cmd_sim)
-
     keys = commands.add_parser("keys", help="make CURVE certificates for the server and one client")
     keys.add_argument("dir")
     keys.set_defaults(run=cmd_keys)
+
+    for modality in modalities():
+        if modality.add_commands is not None:
+            modality.add_commands(commands)
     return parser
 
 

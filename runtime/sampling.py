@@ -28,8 +28,9 @@ def sample(
 
     `denoiser(x_t, t, cond)` takes a batch of timesteps (int64, shape (B,)) and
     returns the prediction the solver's config names (epsilon, sample or v).
-    An accelerator, already bound to the denoiser, may skip whole steps (its
-    estimate replaces the model's) or let cached blocks stand in within a call.
+    An accelerator (one per trajectory: it holds this trajectory's caches) may
+    skip whole steps (its estimate replaces the model's) or let cached blocks
+    stand in within a call.
     """
     for step in trajectory(denoiser, solver, x, cond, generator, accelerator):
         x = step.x
@@ -54,22 +55,25 @@ def trajectory(
     accelerator: Accelerator | None = None,
 ) -> Iterator[Step]:
     """`sample`, one solver step at a time: for progress streams and anytime answers."""
-    from rtdiff.runtime.accel.base import SKIP
+    from rtdiff.runtime.accel.base import SKIP, Accelerator
 
+    # every trajectory has an accelerator (`none` by default): it is also what says, at each call, that no
+    # other request's block cache is active on this model
+    accelerator = accelerator if accelerator is not None else Accelerator()
+    accelerator.bind(denoiser)
     history = History()
-    if accelerator is not None:
-        accelerator.begin(solver)
+    accelerator.begin(solver)
     for i, t in enumerate(solver.timesteps):
-        called = accelerator is None or accelerator.plan_step(i, x, history) != SKIP
+        called = accelerator.plan_step(i, x, history) != SKIP
         if called:
-            if accelerator is not None:
-                accelerator.before_model_call(i)
+            accelerator.before_model_call(i)
             timestep = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-            x0, eps = solver.predict(i, x, denoiser(x, timestep, cond))
+            with accelerator.calling_model():
+                output = denoiser(x, timestep, cond)
+            x0, eps = solver.predict(i, x, output)
         else:
             x0, eps = accelerator.estimate(i, x, history)
         history.append(t, x, x0, eps, model_called=called)
         x = solver.step(i, x, history, generator)
-        if accelerator is not None:
-            accelerator.after_step()
+        accelerator.after_step()
         yield Step(i, x, x0, called)

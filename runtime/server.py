@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from rtdiff.runtime.stats import percentiles
 from rtdiff.runtime.protocol import ERRORS, Limits, Message, ProtocolError, decode, error_reply, reply
 
 log = logging.getLogger("rtdiff.server")
@@ -81,11 +82,6 @@ class Stats:
             self.latency[key].append(value)
 
     def report(self) -> dict:
-        def percentiles(values):
-            if not values:
-                return {"p50": None, "p99": None, "count": 0}
-            return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)), "count": len(values)}
-
         return {
             "counts": dict(self.counts),
             "errors": dict(self.errors),

@@ -195,8 +195,19 @@ class DDPM(Solver):
         if t <= 0:
             return mean
         variance = ((1 - a_prev) / (1 - a_t) * beta_step).clamp(min=1e-20).to(x.dtype)
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        noise = standard_normal(x, generator)
         return mean + variance.sqrt() * noise
+
+
+def standard_normal(x: torch.Tensor, generator) -> torch.Tensor:
+    """Noise shaped like x from one generator, or row by row from a list of them (one per request in a batch,
+    so a request's noise does not depend on what it was batched with)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype, device=x.device)
+                          for g in generator])
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
 class DDIM(Solver):

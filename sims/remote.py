@@ -10,16 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from rtdiff.runtime.client import Client
 from rtdiff.runtime.loop import RemoteController
-
-
-def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p99": None, "count": 0}
-    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)), "count": len(values)}
+from rtdiff.runtime.stats import percentiles, shard, summarize_episodes
 
 
 def _run_part(task: str, address: str, model: str, seeds: list[int], rate_hz: float, curve_dir: str | None,
@@ -70,16 +63,14 @@ def run_remote(task: str, address: str, model: str | None, episodes: int, seed: 
     if served[model].get("task") != task:
         raise ValueError(f"model {model!r} is a {served[model].get('task')} policy, not {task}")
     seeds = list(range(seed, seed + episodes))
-    jobs = [(task, address, model, seeds[k::workers], rate_hz, curve_dir, realtime, video if k == 0 else None)
-            for k in range(workers)]
+    jobs = [(task, address, model, part, rate_hz, curve_dir, realtime, video if k == 0 else None)
+            for k, part in enumerate(shard(seeds, workers))]
     if workers == 1:
         parts = [_run_part(*jobs[0])]
     else:
         from rtdiff.runtime.parallel import starmap_processes
 
         parts = starmap_processes(_run_part, jobs)
-    results = sorted(r for part in parts for r in part["results"])
-    scores = [score for _, score, _, _ in results]
     info = parts[0]["info"]
     return {
         "task": task,
@@ -90,16 +81,12 @@ def run_remote(task: str, address: str, model: str | None, episodes: int, seed: 
         "steps": info["steps"],
         "accel": info["accel"],
         "backend": info.get("backend", "torch"),  # servers before backends existed did not say
-        "episodes": len(results),
-        "seeds": [s for s, _, _, _ in results],
-        "scores": scores,
-        "score_mean": float(np.mean(scores)),
-        "success_rate": float(np.mean([ok for _, _, ok, _ in results])),
-        "latency_ms": _percentiles([ms for part in parts for ms in part["client_ms"]]),
-        "server_latency_ms": {key: _percentiles([ms for part in parts for ms in part["server_ms"][key]])
+        **summarize_episodes(r for part in parts for r in part["results"]),
+        "latency_ms": percentiles([ms for part in parts for ms in part["client_ms"]]),
+        "server_latency_ms": {key: percentiles([ms for part in parts for ms in part["server_ms"][key]])
                               for key in ("queue_ms", "compute_ms", "total_ms")},
         "stalls": sum(part["stalls"] for part in parts),
-        "ticks": sum(steps for _, _, _, steps in results),
+        "ticks": sum(steps for part in parts for _, _, _, steps in part["results"]),
         "request_errors": sum(part["errors"] for part in parts),
         "request_timeouts": sum(part["timeouts"] for part in parts),
         "rate_hz": rate_hz,

@@ -183,6 +183,7 @@ def run_expert(seeds, workers: int = 2, noise: float = 0.0) -> list[Episode]:
     if workers <= 1:
         return _expert_episodes(seeds, noise)
     from rtdiff.runtime.parallel import starmap_processes
+    from rtdiff.runtime.stats import shard
 
-    parts = starmap_processes(_expert_episodes, [(seeds[k::workers], noise) for k in range(workers)])
+    parts = starmap_processes(_expert_episodes, [(part, noise) for part in shard(seeds, workers)])
     return sorted((e for part in parts for e in part), key=lambda e: e.seed)

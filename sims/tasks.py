@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from rtdiff.runtime.stats import summarize_episodes
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -42,12 +42,4 @@ def get_task(name: str) -> Task:
 
 
 def summarize(episodes) -> dict:
-    scores = [float(e.score) for e in episodes]
-    return {
-        "episodes": len(episodes),
-        "seeds": [e.seed for e in episodes],
-        "scores": scores,
-        "score_mean": float(np.mean(scores)),
-        "success_rate": float(np.mean([e.success for e in episodes])),
-        "steps_mean": float(np.mean([e.steps for e in episodes])),
-    }
+    return summarize_episodes([(e.seed, e.score, e.success, e.steps) for e in episodes])

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from rtdiff.runtime.accel import Accelerator, UniformCache, make_accelerator, parse_options
-from rtdiff.runtime.accel.hooks import CacheHooks
+from rtdiff.runtime.accel.hooks import CacheHooks, remove_hooks
+
+
+def carries_hooks(denoiser) -> bool:
+    return any("forward" in module.__dict__ for _, module in denoiser.cache_blocks())
 
 def chunk(policy, accelerator=None, steps=10, seed=0):
     obs = torch.randn(2, policy.config.n_obs_steps, policy.config.obs_dim, generator=torch.Generator().manual_seed(1))
@@ -68,13 +72,15 @@ def test_unknown_accelerator_is_named():
         make_accelerator("warp")
 
 
-def test_a_hooked_model_refuses_to_run_without_its_accelerator(policy):
-    accelerator = UniformCache(interval=2)
-    chunk(policy, accelerator)
-    with pytest.raises(RuntimeError, match="carries an accelerator's hooks"):
-        chunk(policy)  # its blocks would replay the last plan of an accelerator that is not there
-    accelerator.unbind()
-    chunk(policy)
+def test_hooks_outside_a_model_call_pass_through(policy):
+    # the hooks stay on the model, but no request's cache is active between its calls: a request without an
+    # accelerator computes exactly what the unhooked model does
+    reference = chunk(policy)
+    cached = chunk(policy, UniformCache(interval=2))
+    assert carries_hooks(policy.denoiser) and not torch.equal(cached, reference)
+    assert torch.equal(chunk(policy), reference)
+    remove_hooks(policy.denoiser)
+    assert not carries_hooks(policy.denoiser)
 
 
 def test_accelerator_options_parse_as_json_and_reach_the_accelerator():

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from rtdiff.runtime.accel.hooks import block_hooks
+
 from rtdiff.policies.checkpoint import save_policy
 from rtdiff.runtime.accel import make_accelerator
 from rtdiff.runtime.accel.bac import (
@@ -170,7 +172,7 @@ def test_recording_captures_every_block_at_every_step(tiny_policy):
     outputs = record_block_outputs(lambda recorder: tiny_policy.predict_chunk(obs, solver, None, recorder))
     assert list(outputs) == [name for name, _ in tiny_policy.denoiser.cache_blocks()]
     assert all(value.shape[:2] == (7, 3) for value in outputs.values())
-    assert all("forward" not in m.__dict__ for _, m in tiny_policy.denoiser.cache_blocks())  # hooks removed
+    assert block_hooks(tiny_policy.denoiser).cache is None  # the hooks stay, with no cache active
 
 
 def test_bac_cache_follows_its_schedule(tiny_policy):
@@ -201,12 +203,13 @@ def test_mismatched_schedules_are_refused(tiny_policy):
     bac = make_accelerator("bac", schedule={"steps": 6, "blocks": {"layers.0.nope": [0]}}, solver="ddim", steps=6)
     with pytest.raises(ValueError, match="does not have"):
         bac.bind(tiny_policy.denoiser)
-    assert all("forward" not in m.__dict__ for _, m in tiny_policy.denoiser.cache_blocks())
+    assert bac.cache is None and block_hooks(tiny_policy.denoiser).cache is None  # nothing of it is left active
 
 
 def test_calibrate_command_writes_schedule_and_heatmap_used_by_eval(tiny_policy, tmp_path):
     from rtdiff.policies.accelerate import calibrate_bac, policy_accelerator
-    from rtdiff.runtime.cli import DEMOS_PATH
+    from rtdiff.sims.tasks import TASKS
+    DEMOS_PATH = TASKS["pusht"].demos
 
     folder = save_policy(tiny_policy, tmp_path / "tiny")
     schedule, path = calibrate_bac(str(folder), "ddim", 8, budget=3, demos_path=DEMOS_PATH, observations=8, bubble=2)
@@ -224,7 +227,8 @@ def test_calibrate_command_writes_schedule_and_heatmap_used_by_eval(tiny_policy,
 def test_a_bac_sada_schedule_keeps_refreshes_off_the_steps_sada_may_skip(tiny_policy, tmp_path):
     from rtdiff.policies.accelerate import calibrate_bac, policy_accelerator
     from rtdiff.runtime.accel.composed import skip_lattice
-    from rtdiff.runtime.cli import DEMOS_PATH
+    from rtdiff.sims.tasks import TASKS
+    DEMOS_PATH = TASKS["pusht"].demos
 
     folder = save_policy(tiny_policy, tmp_path / "tiny")
     sada = {"window": (0.1, 0.97), "max_consecutive": 2}

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from rtdiff.policies.checkpoint import bundled_names
+from rtdiff.runtime.checkpoints import bundled
 
 
 def rtdiff(*args, cwd=None):
@@ -23,7 +23,7 @@ def assert_one_error_line(result, *fragments):
 
 
 def test_bundled_checkpoints_exist():
-    assert {"pusht-unet", "pusht-transformer"} <= set(bundled_names())
+    assert {"pusht-unet", "pusht-transformer"} <= set(bundled())
 
 
 @pytest.mark.parametrize("checkpoint", ["pusht-unet", "pusht-transformer"])

@@ -8,9 +8,11 @@ import torch
 from rtdiff.export.check import check_export, check_model
 from rtdiff.export.exported import ExportError
 from rtdiff.export.onnx_export import export_onnx, sha256
-from rtdiff.export.onnxruntime_backend import OrtDenoiser, use_onnxruntime
+from rtdiff.export.onnxruntime_backend import OrtDenoiser
+from rtdiff.policies.backend import use_onnxruntime
 from rtdiff.export.segments import MODEL_INPUTS, run_pieces, segments_from_schedule, split
-from rtdiff.policies.checkpoint import checkpoint_hash, load_policy, save_policy
+from rtdiff.policies.checkpoint import load_policy, save_policy
+from rtdiff.runtime.checkpoints import checkpoint_hash
 from rtdiff.runtime.accel.bac import FORMAT, BACache, save_schedule
 from rtdiff.runtime.accel.hooks import CacheHooks
 from tests.conftest import make_tiny_policy

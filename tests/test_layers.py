@@ -14,3 +14,25 @@ def test_one_namespace_outside_the_repository(tmp_path):
     for name in ("runtime", "policies", "export", "sims", "audio", "video"):
         result = _python(f"import {name}", tmp_path)
         assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr, name
+
+
+CORE_CHECK = """
+import importlib, pkgutil, sys
+import rtdiff.runtime, rtdiff.export
+modality = ("rtdiff.policies", "rtdiff.sims", "rtdiff.audio", "rtdiff.video")
+names = [m.name for package in (rtdiff.runtime, rtdiff.export)
+         for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+for name in sorted(names):  # tensorrt_backend and cudagraph too: they reach TensorRT and CUDA only when used
+    importlib.import_module(name)
+    loaded = sorted(m for m in sys.modules if m.startswith(modality))
+    if loaded:
+        print(f"{name} loaded {loaded}")
+        sys.exit(1)
+print(len(names))
+"""
+
+
+def test_the_core_imports_no_modality_and_no_sim(tmp_path):
+    result = _python(CORE_CHECK, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert int(result.stdout.split()[-1]) >= 20  # every module of runtime/ and export/ was imported

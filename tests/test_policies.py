@@ -78,7 +78,7 @@ def test_bad_checkpoints_fail_whole_with_a_named_problem(policy, tmp_path):
 
     folder = save_policy(policy, tmp_path / "ck6")
     (folder / "config.json").write_text(json.dumps({**config, "format": "something-else/9"}))
-    with pytest.raises(ValueError, match="not an rtdiff policy config"):
+    with pytest.raises(ValueError, match="in no format rtdiff knows"):
         load_policy(folder)
 
 

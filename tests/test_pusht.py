@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from rtdiff.runtime.cli import DEMOS_PATH
+from rtdiff.sims.tasks import TASKS
+
+DEMOS_PATH = TASKS["pusht"].demos
 from rtdiff.sims.demos import load_demos, save_demos
 from rtdiff.sims.pusht import Episode, demonstration, make_env
 

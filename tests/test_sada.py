@@ -102,7 +102,7 @@ def test_bac_and_sada_never_share_a_step(policy):
                                     window=(0.0, 1.0), max_consecutive=2)
     computed = []
     original = always_skips.before_model_call
-    always_skips.before_model_call = lambda i: (original(i), computed.append((i, set(always_skips.hooks.cache.compute))))
+    always_skips.before_model_call = lambda i: (original(i), computed.append((i, set(always_skips.cache.compute))))
     run(policy, always_skips)
     plans = dict(computed)
     assert sorted(plans) == [0, 1, 2, 3, 4, 6, 8]  # 5, 7, 9 skipped; 1, 2 too early for the criterion

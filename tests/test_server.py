@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtdiff.policies.service import PolicyService
+from rtdiff.runtime.run import RunConfig
 from rtdiff.runtime.client import Client, ServerError
 from rtdiff.runtime.server import Server, ServerConfig
 
@@ -23,7 +24,7 @@ class Running:
     """A server on a thread; stopped and joined on exit."""
 
     def __init__(self, checkpoint, **config):
-        self.server = Server({"tiny": PolicyService(checkpoint, "ddim", 4)},
+        self.server = Server({"tiny": PolicyService(RunConfig(str(checkpoint), "ddim", 4))},
                              ServerConfig(bind="tcp://127.0.0.1:0", **config))
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -50,7 +51,7 @@ def obs(seed=0):
 def test_act_answers_with_the_same_actions_as_the_policy_in_process(server, tiny_checkpoint):
     with Client(server.address, model="tiny") as client:
         reply = client.act(obs(), seed=11)
-    service = PolicyService(tiny_checkpoint, "ddim", 4)
+    service = PolicyService(RunConfig(str(tiny_checkpoint), "ddim", 4))
     expected = service.policy.predict_actions(torch.from_numpy(obs())[None], service.solver,
                                               noise=service.policy.initial_noise(1, torch.Generator().manual_seed(11)))
     np.testing.assert_allclose(reply.arrays["actions"], expected[0].numpy(), rtol=1e-5, atol=1e-4)

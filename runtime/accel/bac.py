@@ -35,11 +35,6 @@ from rtdiff.runtime.accel.base import Accelerator
 FORMAT = "rtdiff-bac-schedule/1"
 
 
-def schedule_filename(solver: str, steps: int, method: str = "bac") -> str:
-    """`bac-ddim-10.json`; a schedule for bac+sada, whose refreshes avoid SADA's steps, is `bac+sada-ddim-10.json`."""
-    return f"{method}-{solver}-{steps}.json"
-
-
 class Recorder(Accelerator):
     """Computes every block at every step and keeps each output: what calibration records."""
 
@@ -48,8 +43,8 @@ class Recorder(Accelerator):
 
     def bind(self, denoiser) -> Recorder:
         super().bind(denoiser)
-        if self.hooks.cache.recorder is None:
-            self.hooks.cache.recorder = {}
+        if self.cache.recorder is None:
+            self.cache.recorder = {}
         return self
 
 
@@ -59,7 +54,7 @@ def record_block_outputs(run_trajectory) -> dict[str, torch.Tensor]:
     recorder = Recorder()
     try:
         run_trajectory(recorder)
-        return {name: torch.stack(outputs) for name, outputs in recorder.hooks.cache.recorder.items()}
+        return {name: torch.stack(outputs) for name, outputs in recorder.cache.recorder.items()}
     finally:
         recorder.unbind()
 
@@ -328,7 +323,7 @@ class BACache(Accelerator):
 
     def bind(self, denoiser):
         super().bind(denoiser)
-        names = set(self.hooks.cache.names)
+        names = set(self.cache.names)
         if names != set(self.updates):
             self.unbind()
             raise ValueError(f"BAC schedule names blocks {sorted(set(self.updates) ^ names)[:4]} "
@@ -337,3 +332,6 @@ class BACache(Accelerator):
 
     def should_compute(self, block: str, i: int) -> bool:
         return i in self.updates[block]
+
+    def static_key(self) -> tuple:
+        return (self.name, tuple(sorted((name, tuple(sorted(steps))) for name, steps in self.updates.items())))

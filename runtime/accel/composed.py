@@ -41,24 +41,26 @@ def skip_lattice(steps: int, window: tuple[float, float] = (0.1, 0.97), max_cons
 class BACWithSADA(Accelerator):
     name = "bac+sada"
     uses_block_cache = True
-    options = StabilitySkip.options  # the block schedule comes from `rtdiff calibrate bac+sada`
+    Options = StabilitySkip.Options  # SADA's; the block schedule comes from `rtdiff calibrate bac+sada`
 
     def __init__(self, schedule: dict, solver: str, steps: int, checkpoint_hash: str | None = None, **sada_options):
         super().__init__()
-        self.cache = BACache(schedule, solver, steps, checkpoint_hash)
-        refreshing = set().union(*self.cache.updates.values())
+        self.bac = BACache(schedule, solver, steps, checkpoint_hash)
+        refreshing = set().union(*self.bac.updates.values())
         skippable = set(schedule.get("skippable", range(steps))) - refreshing
         # SADA's window and run length default to those the schedule's lattice was built for
         self.skipper = StabilitySkip(**{**schedule.get("sada", {}), **sada_options}, skippable=skippable)
 
     def bind(self, denoiser):
-        self.cache.bind(denoiser)
-        self.hooks = self.skipper.hooks = self.cache.hooks
+        if self.cache is None:  # one cache, BAC's, that SADA's partial calls also read
+            self.bac.bind(denoiser)
+            self.hooks = self.skipper.hooks = self.bac.hooks
+            self.cache = self.skipper.cache = self.bac.cache
         return self
 
     def unbind(self) -> None:
-        self.cache.unbind()
-        self.hooks = self.skipper.hooks = None
+        self.bac.unbind()
+        self.hooks = self.skipper.hooks = self.cache = self.skipper.cache = None
 
     def begin(self, solver: Solver) -> None:
         super().begin(solver)
@@ -70,7 +72,7 @@ class BACWithSADA(Accelerator):
         return plan
 
     def should_compute(self, block: str, i: int) -> bool:
-        return self.cache.should_compute(block, i)
+        return self.bac.should_compute(block, i)
 
     def estimate(self, i, x, history):
         return self.skipper.estimate(i, x, history)

@@ -2,10 +2,15 @@
 
 Each block a denoiser lists in `cache_blocks()` gets its `forward` wrapped on
 the instance (the class and its code are untouched; `detach()` restores it).
-Before every model call the accelerator tells the cache which blocks to
-compute at this step; a block told to skip returns its output from the last
-step that computed it. What a block's output means (a residual branch, a whole
-residual unit) is the model's business: the cache stores whatever it returned.
+The wrappers hold no state of a trajectory: a `BlockCache` belongs to one
+request's accelerator, and `model_call(hooks, cache)` makes it the active
+one for exactly one model call. Outside such a call the wrappers pass
+straight through, so requests interleaved on one model (streams, batches)
+never see each other's caches. Within a call the accelerator has told its
+cache which blocks to compute at this step; a block told to skip returns its
+output from the last step that computed it. What a block's output means (a
+residual branch, a whole residual unit) is the model's business: the cache
+stores whatever it returned.
 
 Token-wise compute: a model may also list, in `tokenwise_blocks()`, the blocks
 whose output at a token depends only on that token's input (a feed-forward
@@ -17,6 +22,8 @@ tokens only and the rest of their output comes from the cache.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -51,16 +58,20 @@ class BlockCache:
 
 
 class CacheHooks:
-    """Wraps each cacheable block's forward so that a BlockCache decides whether it runs."""
+    """Wraps each cacheable block's forward so that the active BlockCache (`self.cache`) decides whether it runs;
+    with none active (`cache = None`) every block runs as if unhooked."""
 
     def __init__(self, denoiser: nn.Module):
         if not hasattr(denoiser, "cache_blocks"):
             raise TypeError(f"{type(denoiser).__name__} does not list cache_blocks()")
         self.blocks: list[tuple[str, nn.Module]] = list(denoiser.cache_blocks())
-        self.cache = BlockCache([name for name, _ in self.blocks])
-        if hasattr(denoiser, "tokenwise_blocks"):
-            self.cache.token_inputs = dict(denoiser.tokenwise_blocks())
+        self.names = [name for name, _ in self.blocks]
+        self.token_inputs = dict(denoiser.tokenwise_blocks()) if hasattr(denoiser, "tokenwise_blocks") else {}
+        self.cache: BlockCache | None = self.new_cache()  # standalone use; installed hooks start inactive
         self._attached = False
+
+    def new_cache(self) -> BlockCache:
+        return BlockCache(list(self.names), token_inputs=self.token_inputs)
 
     def attach(self) -> CacheHooks:
         if self._attached:
@@ -84,9 +95,10 @@ class CacheHooks:
         self.detach()
 
     def _wrap(self, name: str, forward):
-        cache = self.cache
-
         def cached_forward(*args, **kwargs):
+            cache = self.cache
+            if cache is None:
+                return forward(*args, **kwargs)
             cache.requested += 1
             if name not in cache.compute:
                 return cache.outputs[name]
@@ -105,6 +117,35 @@ class CacheHooks:
         return cached_forward
 
 
-def carries_hooks(denoiser: nn.Module) -> bool:
-    """Whether an accelerator's hooks are attached to this model's blocks."""
-    return hasattr(denoiser, "cache_blocks") and any("forward" in m.__dict__ for _, m in denoiser.cache_blocks())
+_INSTALLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # denoiser -> its one set of CacheHooks
+
+
+def block_hooks(denoiser: nn.Module):
+    """The hooks through which accelerators reach this denoiser's blocks, installed once and shared by every
+    request (they hold no trajectory state); a backend that runs the blocks itself (export/) offers its own."""
+    own = getattr(denoiser, "block_cache_hooks", None)
+    if own is not None:
+        return own()
+    hooks = _INSTALLED.get(denoiser)
+    if hooks is None:
+        hooks = CacheHooks(denoiser).attach()
+        hooks.cache = None
+        _INSTALLED[denoiser] = hooks
+    return hooks
+
+
+def remove_hooks(denoiser: nn.Module) -> None:
+    """Restore the blocks' own forwards (the model is as if never accelerated)."""
+    hooks = _INSTALLED.pop(denoiser, None)
+    if hooks is not None:
+        hooks.detach()
+
+
+@contextlib.contextmanager
+def model_call(hooks, cache: BlockCache | None):
+    """`cache` is the active one for the duration of one model call, and none is active after it."""
+    hooks.cache = cache
+    try:
+        yield
+    finally:
+        hooks.cache = None

@@ -37,6 +37,7 @@ every trajectory, so batching requests never changes the answer for the worse.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -44,25 +45,39 @@ from rtdiff.runtime.accel.base import FULL, PARTIAL, SKIP, Accelerator
 from rtdiff.runtime.solvers import History, Solver
 
 
-class StabilitySkip(Accelerator):
-    name = "sada"
-    options = ("threshold", "window", "max_consecutive", "tokenwise", "token_threshold", "max_partial")
+@dataclass(frozen=True)
+class SadaOptions:
+    """SADA's options (`--accel-option`, and a bac+sada schedule's `sada` entry); wrong types fail by name."""
 
     # Defaults from benchmarks/accel.py on both PushT policies (RESULTS.md): against SADA's own (threshold 0, window
     # (0.2, 0.94), one skip in a row, token-wise calls) they took DDIM 10 from 1.23x to 2.0x on the transformer and
     # 1.01x to 1.83x on the UNet at the same closed-loop score within noise; token-wise partial calls on a 10-token
     # chunk cost about what they save and added action error.
-    def __init__(self, threshold: float = 0.01, window: tuple[float, float] = (0.1, 0.97), max_consecutive: int = 2,
-                 tokenwise: bool = False, token_threshold: float | None = None, max_partial: int = 2,
-                 skippable: Iterable[int] | None = None):
+    threshold: float = 0.01
+    window: tuple[float, float] = (0.1, 0.97)
+    max_consecutive: int = 2
+    tokenwise: bool = False
+    token_threshold: float | None = None
+    max_partial: int = 2
+
+    def __post_init__(self):
+        _check_options(self.threshold, self.window, self.max_consecutive, self.tokenwise, self.token_threshold,
+                       self.max_partial)
+
+
+class StabilitySkip(Accelerator):
+    name = "sada"
+    Options = SadaOptions
+
+    def __init__(self, skippable: Iterable[int] | None = None, **options):
         super().__init__()
-        _check_options(threshold, window, max_consecutive, tokenwise, token_threshold, max_partial)
-        self.threshold = threshold
-        self.window = tuple(window)
-        self.max_consecutive = max_consecutive
-        self.tokenwise = tokenwise
-        self.token_threshold = threshold if token_threshold is None else token_threshold
-        self.max_partial = max_partial
+        options = SadaOptions(**options)
+        self.threshold = options.threshold
+        self.window = tuple(options.window)
+        self.max_consecutive = options.max_consecutive
+        self.tokenwise = options.tokenwise
+        self.token_threshold = options.threshold if options.token_threshold is None else options.token_threshold
+        self.max_partial = options.max_partial
         self.skippable = None if skippable is None else set(skippable)
         self.skipped = self.partial = 0
         self._partial_run = 0
@@ -82,7 +97,7 @@ class StabilitySkip(Accelerator):
     @property
     def tokenwise_ready(self) -> bool:
         # `tokenwise` is checked here too: inside bac+sada the hooks are BAC's, present whatever SADA was told
-        return self.tokenwise and self.hooks is not None and bool(self.hooks.cache.token_inputs) and self.max_partial > 0
+        return self.tokenwise and self.cache is not None and bool(self.cache.token_inputs) and self.max_partial > 0
 
     def plan_step(self, i: int, x: torch.Tensor, history: History) -> str:
         plan = self._plan(i, x, history)
@@ -146,8 +161,9 @@ class StabilitySkip(Accelerator):
                 "partial_steps": self.partial / per_trajectory}
 
 
+
+
 def _check_options(threshold, window, max_consecutive, tokenwise, token_threshold, max_partial) -> None:
-    """Options arrive from the command line and from schedule files: wrong types fail here, by name."""
     def number(value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
