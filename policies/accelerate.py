@@ -94,7 +94,8 @@ def bac_step_sensitivity(policy, solver_name: str, steps: int, demos_path: str |
 def calibrate_bac(checkpoint: str, solver_name: str | None, steps: int | None, budget: int | None,
                   demos_path: str | Path | None,
                   observations: int = 32, seed: int = 0, bubble: int = 5, out: str | Path | None = None,
-                  fraction: float | None = None, sada: dict | None = None) -> tuple[dict, Path]:
+                  fraction: float | None = None, sada: dict | None = None, command: str | None = None
+                  ) -> tuple[dict, Path]:
     """A BAC schedule: `budget` updates per block and the paper's union of `bubble` blocks, or, with `fraction`,
     at most that fraction of block evaluations with the budget, union size and objective (feature similarity, or
     similarity weighted by each step's measured sensitivity) that leave the least action error.
@@ -122,6 +123,7 @@ def calibrate_bac(checkpoint: str, solver_name: str | None, steps: int | None, b
         schedule.update(skippable=sorted(skippable), sada={"window": list(sada["window"]),
                                                             "max_consecutive": sada["max_consecutive"]})
     schedule.update(
+        command=command,
         solver=solver_name,
         checkpoint=str(checkpoint),
         checkpoint_sha256=checkpoint_hash(checkpoint),

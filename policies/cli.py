@@ -6,6 +6,7 @@ Registered through rtdiff.policies.modality; the core command line (runtime/cli.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import sys
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def cmd_calibrate(args) -> None:
     sada = {"window": tuple(args.window), "max_consecutive": args.max_consecutive} if args.method == "bac+sada" else None
     schedule, path = calibrate_bac(args.checkpoint, args.solver, args.steps, budget, args.demos,
                                    observations=args.observations, seed=args.seed, bubble=args.bubble, out=args.out,
-                                   fraction=args.fraction, sada=sada)
+                                   fraction=args.fraction, sada=sada, command=shlex.join(["rtdiff", *sys.argv[1:]]))
     print(f"wrote {path} and {path.with_suffix('.png')}: budget {schedule['budget']}, block_evals_fraction "
           f"{schedule['block_evals_fraction']:.3f}, bubbled {schedule['bubbled']}")
     for candidate in schedule.get("candidates", []):  # --fraction: what the action error chose from

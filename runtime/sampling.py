@@ -67,7 +67,7 @@ def trajectory(
         called = accelerator.plan_step(i, x, history) != SKIP
         if called:
             accelerator.before_model_call(i)
-            timestep = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+            timestep = torch.full((x.shape[0],), t, dtype=solver.timestep_dtype, device=x.device)
             with accelerator.calling_model():
                 output = denoiser(x, timestep, cond)
             x0, eps = solver.predict(i, x, output)

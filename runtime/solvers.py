@@ -130,6 +130,7 @@ class Solver:
 
     name = ""
     default_spacing = "leading"
+    timestep_dtype = torch.long  # what the model is called with (flow matching: float sigmas * T)
 
     def __init__(self, config: SchedulerConfig, steps: int):
         if not 1 <= steps <= config.num_train_timesteps:
@@ -268,9 +269,17 @@ class DPMSolverPP(Solver):
 
 
 SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (DDPM, DDIM, DPMSolverPP)}
+SOLVERS["flow"] = None  # runtime/flow_matching.py: FlowMatchEuler, on a FlowMatchConfig (imported when asked for)
 
 
-def make_solver(name: str, config: SchedulerConfig, steps: int) -> Solver:
+def make_solver(name: str, config, steps: int) -> Solver:
+    """The named solver on a noise schedule: a SchedulerConfig for ddpm / ddim / dpmpp, a FlowMatchConfig for flow."""
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; expected one of {sorted(SOLVERS)}")
+    if name == "flow":
+        from rtdiff.runtime.flow_matching import FlowMatchEuler
+
+        return FlowMatchEuler(config, steps)
+    if not isinstance(config, SchedulerConfig):
+        raise ValueError(f"solver {name!r} needs a DDPM-style scheduler config, got {type(config).__name__}")
     return SOLVERS[name](config, steps)

@@ -10,7 +10,9 @@ is compared with the sample the solver actually reached, and the residual
 r = x_{n+1} - x^_{n+1} with the drift's second difference d2f = f_n - 2 f_{n-1} + f_{n-2}.
 Where mean(r * d2f) <= threshold the trajectory is stable: the next step runs no
 model and the solver integrates it from the last noise estimate at the current
-sample (SADA's epsilon reuse). Skips happen only inside a window of the
+sample (SADA's epsilon reuse). On a flow-matching solver the drift is the
+velocity, time is sigma, the score takes the velocity's negative second
+difference, and a skipped step's velocity is extrapolated, 2 v_{n-1} - v_{n-2}. Skips happen only inside a window of the
 trajectory and never more than `max_consecutive` in a row.
 
 Token-wise: when the step as a whole is not stable (or may not be skipped) and
@@ -92,7 +94,7 @@ class StabilitySkip(Accelerator):
     def begin(self, solver: Solver) -> None:
         super().begin(solver)
         self._drifts.clear()
-        self._coefficients = [self._drift_coefficients(t) for t in solver.timesteps]
+        self._coefficients = [] if self._flow else [self._drift_coefficients(t) for t in solver.timesteps]
 
     @property
     def tokenwise_ready(self) -> bool:
@@ -133,18 +135,34 @@ class StabilitySkip(Accelerator):
         return self.token_scores(i, x, history).mean(1)
 
     def token_scores(self, i: int, x: torch.Tensor, history: History) -> torch.Tensor:
-        """r * d2f averaged over channels: (batch, tokens), tokens being dim 1 of the sample."""
+        """r * d2f averaged over channels: (batch, tokens), tokens being dim 1 of the sample.
+
+        On a flow model the drift is the velocity itself, time is sigma, and the score takes the velocity's
+        negative second difference (SADA's flow-matching criterion)."""
         f = [self._drift(n, history) for n in (i - 1, i - 2, i - 3)]
-        dtau = (self.solver.timesteps[i] - self.solver.timesteps[i - 1]) / self.solver.config.num_train_timesteps
-        predicted = history.samples[i - 1] + dtau * (0.625 * f[0] + 0.75 * f[1] - 0.375 * f[2])
+        predicted = history.samples[i - 1] + self._dtau(i) * (0.625 * f[0] + 0.75 * f[1] - 0.375 * f[2])
         residual = x - predicted
         curvature = f[0] - 2 * f[1] + f[2]
+        if self._flow:
+            curvature = -curvature
         return (residual * curvature).flatten(2).mean(2)
+
+    @property
+    def _flow(self) -> bool:
+        return self.solver.name == "flow"
+
+    def _dtau(self, i: int) -> float:
+        if self._flow:
+            return float(self.solver.sigmas[i] - self.solver.sigmas[i - 1])
+        return (self.solver.timesteps[i] - self.solver.timesteps[i - 1]) / self.solver.config.num_train_timesteps
 
     def _drift(self, n: int, history: History) -> torch.Tensor:
         if n not in self._drifts:  # a trajectory's history only grows, so step n's drift never changes
-            a, b = self._coefficients[n]
-            self._drifts[n] = history.samples[n] * a + history.eps[n] * b
+            if self._flow:
+                self._drifts[n] = history.eps[n] - history.x0[n]  # the velocity
+            else:
+                a, b = self._coefficients[n]
+                self._drifts[n] = history.samples[n] * a + history.eps[n] * b
         return self._drifts[n]
 
     def _drift_coefficients(self, t: int) -> tuple[float, float]:
@@ -153,6 +171,11 @@ class StabilitySkip(Accelerator):
         return -0.5 * beta, 0.5 * beta / (1 - a_t) ** 0.5
 
     def estimate(self, i: int, x: torch.Tensor, history: History) -> tuple[torch.Tensor, torch.Tensor]:
+        """A skipped step's (x0, eps): the last noise estimate at the current sample (SADA's epsilon reuse), or on
+        a flow model the velocity extrapolated linearly, 2 v_{n-1} - v_{n-2}."""
+        if self._flow:
+            velocity = 2 * self._drift(i - 1, history) - self._drift(i - 2, history)
+            return self.solver.predict(i, x, velocity, kind="flow")
         return self.solver.predict(i, x, history.eps[-1], kind="epsilon")
 
     def stats(self) -> dict:
