@@ -4,11 +4,13 @@ VENV_STAMP := .venv/.installed
 
 .PHONY: demo test test-slow clean
 
-$(VENV_STAMP): pyproject.toml
+$(VENV_STAMP): pyproject.toml client/pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: 2.13.0 is the CPU wheel on local disk; anything looser downloads a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
+	# the torch-free client distribution first: rtdiff depends on it for the protocol code
+	$(PY) -m pip install --quiet -e ./client
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(VENV_STAMP)
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from rtdiff.runtime.client import Client, ServerError
-from rtdiff.runtime.protocol import request
+from rtdiff_client.client import Client, ServerError
+from rtdiff_client.protocol import request
 
 
 def start_server(address: str, checkpoint: str, steps: int, max_batch: int) -> subprocess.Popen:
@@ -133,7 +133,7 @@ def measure_protocol_path(checkpoint: str, count: int) -> dict:
 
     from rtdiff.policies.service import PolicyService
     from rtdiff.runtime.run import RunConfig
-    from rtdiff.runtime.protocol import decode, decode_reply, reply
+    from rtdiff_client.protocol import decode, decode_reply, reply
 
     torch.set_num_threads(1)
     service = PolicyService(RunConfig(str(checkpoint), "ddim", 1))

@@ -25,7 +25,7 @@ from rtdiff.policies.accelerate import accelerator_spec
 from rtdiff.policies.backend import with_backend
 from rtdiff.policies.checkpoint import load_policy
 from rtdiff.runtime.checkpoints import checkpoint_hash
-from rtdiff.runtime.protocol import Message, ProtocolError
+from rtdiff_client.protocol import Message, ProtocolError
 from rtdiff.runtime.run import RunConfig
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import zmq
 
 from rtdiff.runtime.stats import percentiles
-from rtdiff.runtime.protocol import ERRORS, Limits, Message, ProtocolError, decode, error_reply, reply
+from rtdiff_client.protocol import ERRORS, Limits, Message, ProtocolError, decode, error_reply, reply
 
 log = logging.getLogger("rtdiff.server")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rtdiff.runtime.client import Client
-from rtdiff.runtime.loop import RemoteController
+from rtdiff_client.client import Client
+from rtdiff_client.loop import RemoteController
 from rtdiff.runtime.stats import percentiles, shard, summarize_episodes
 
 

@@ -15,7 +15,7 @@ import pytest
 from rtdiff.policies.accelerate import calibrate_bac
 from rtdiff.policies.service import PolicyService
 from rtdiff.runtime.accel import ACCELERATORS
-from rtdiff.runtime.client import Client
+from rtdiff_client.client import Client
 from rtdiff.runtime.run import RunConfig
 from rtdiff.runtime.server import Server, ServerConfig
 from rtdiff.sims.tasks import TASKS

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rtdiff.runtime.loop import ChunkPlan, RemoteController
+from rtdiff_client.loop import ChunkPlan, RemoteController
 
 
 def chunk(value, length=8):

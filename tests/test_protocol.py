@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rtdiff.runtime.protocol import ERRORS, Limits, ProtocolError, decode, decode_reply, encode, error_reply, request
+from rtdiff_client.protocol import ERRORS, Limits, ProtocolError, decode, decode_reply, encode, error_reply, request
 
 
 def header(**overrides):

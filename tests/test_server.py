@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from rtdiff.policies.service import PolicyService
 from rtdiff.runtime.run import RunConfig
-from rtdiff.runtime.client import Client, ServerError
+from rtdiff_client.client import Client, ServerError
 from rtdiff.runtime.server import Server, ServerConfig
 
 OBS_SHAPE = (2, 5)
@@ -160,7 +160,7 @@ def test_a_vanished_client_and_a_client_that_never_reads_do_not_stall_others(tin
 
 
 def _act_frames(model="tiny", request_id=1):
-    from rtdiff.runtime.protocol import request
+    from rtdiff_client.protocol import request
 
     return request("act", request_id, model, {"obs": obs()})
 
@@ -193,7 +193,7 @@ def request_frames_with(values):
 def drain_until_sync(socket) -> list[tuple[bool, str | None]]:
     """Every reply the fuzzer has coming: ZeroMQ keeps one peer's messages in order, so once the reply to a
     final `info` arrives, every earlier message has been handled."""
-    from rtdiff.runtime.protocol import decode_reply, request
+    from rtdiff_client.protocol import decode_reply, request
 
     socket.send_multipart(request("info", "sync"))
     replies = []
@@ -208,7 +208,7 @@ def drain_until_sync(socket) -> list[tuple[bool, str | None]]:
 
 
 def test_fuzzed_messages_get_replies_and_the_server_keeps_serving(tiny_checkpoint):
-    from rtdiff.runtime.protocol import ERRORS
+    from rtdiff_client.protocol import ERRORS
 
     with Running(tiny_checkpoint, max_wait_ms=1) as server, Client(server.address, model="tiny") as good:
         fuzzer = zmq.Context.instance().socket(zmq.DEALER)

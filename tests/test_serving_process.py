@@ -70,8 +70,8 @@ def test_a_client_written_from_the_protocol_doc_gets_actions(tiny_checkpoint):
 
 
 def test_a_server_killed_and_restarted_mid_episode_does_not_end_the_episode(tiny_checkpoint):
-    from rtdiff.runtime.client import Client
-    from rtdiff.runtime.loop import RemoteController
+    from rtdiff_client.client import Client
+    from rtdiff_client.loop import RemoteController
     from rtdiff.sims.pusht import make_env, run_episode
 
     address = free_address()
@@ -105,7 +105,7 @@ def test_a_server_killed_and_restarted_mid_episode_does_not_end_the_episode(tiny
 
 def test_curve_admits_only_clients_with_the_keys(tiny_checkpoint, tmp_path):
     from rtdiff.runtime.cli import main
-    from rtdiff.runtime.client import Client
+    from rtdiff_client.client import Client
 
     main(["keys", str(tmp_path / "keys")])
     address = free_address()
@@ -132,7 +132,7 @@ def test_curve_admits_only_clients_with_the_keys(tiny_checkpoint, tmp_path):
 
 
 def test_served_accelerator_takes_its_options_from_the_command_line(tiny_checkpoint):
-    from rtdiff.runtime.client import Client
+    from rtdiff_client.client import Client
 
     address = free_address()
     server = start_server(tiny_checkpoint, address, "--accel", "uniform", "--accel-option", "interval=4")

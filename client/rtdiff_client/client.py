@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from rtdiff.runtime.protocol import decode_reply, request
+from rtdiff_client.protocol import decode_reply, request
 
 
 class ServerError(Exception):

@@ -25,7 +25,7 @@ from collections import deque
 
 import numpy as np
 
-from rtdiff.runtime.client import Client, ServerError
+from rtdiff_client.client import Client, ServerError
 
 
 class ChunkPlan:
