@@ -133,17 +133,18 @@ def measure_protocol_path(checkpoint: str, count: int) -> dict:
 
     from rtdiff.policies.service import PolicyService
     from rtdiff.runtime.run import RunConfig
+    from rtdiff.runtime.service import check_request
     from rtdiff_client.protocol import decode, decode_reply, reply
 
     torch.set_num_threads(1)
     service = PolicyService(RunConfig(str(checkpoint), "ddim", 1))
     obs = np.full((2, 5), 100.0, np.float32)
-    actions = np.zeros(service.action_shape, np.float32)
+    actions = np.zeros(service.outputs[0].shape, np.float32)
     timing = {"queue_ms": 0.1, "compute_ms": 5.0, "total_ms": 5.2, "batch": 1}
 
     def protocol_work() -> None:
         message = decode([bytes(f) for f in request("act", 7, "policy", {"obs": obs})])
-        service.check(message)
+        check_request(service, message)
         decode_reply([bytes(f) for f in reply("act", message.id, {"actions": actions}, timing=timing)])
 
     def timed(before) -> list[float]:

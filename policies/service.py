@@ -25,12 +25,17 @@ from rtdiff.policies.accelerate import accelerator_spec
 from rtdiff.policies.backend import with_backend
 from rtdiff.policies.checkpoint import load_policy
 from rtdiff.runtime.checkpoints import checkpoint_hash
-from rtdiff_client.protocol import Message, ProtocolError
+from rtdiff.runtime.service import ArraySpec, ParamSpec
+from rtdiff_client.protocol import Message
 from rtdiff.runtime.run import RunConfig
 
 
 class PolicyService:
-    batchable = True
+    """The service contract (runtime/service.py) for a policy; the server checks requests against the specs."""
+
+    ops = ("act", "stream")
+    params = {"seed": ParamSpec("int", 0, 2**63 - 1, doc="fixes the request's noise")}
+    chunk_inputs = ()
 
     def __init__(self, run: RunConfig):
         policy = load_policy(run.checkpoint)
@@ -43,45 +48,25 @@ class PolicyService:
                                                 run.accel_schedule)
         self.generator = torch.Generator().manual_seed(run.seed)  # for requests without a seed
         config = self.policy.config
-        self.obs_shape = (config.n_obs_steps, config.obs_dim)
-        self.action_shape = (config.n_action_steps, config.action_dim)
+        self.inputs = (ArraySpec("obs", "float32", (config.n_obs_steps, config.obs_dim)),)
+        self.outputs = (ArraySpec("actions", "float32", (config.n_action_steps, config.action_dim)),)
         self.hash = checkpoint_hash(run.checkpoint)
         self.recent_stats: deque[dict] = deque(maxlen=1000)  # per finished trajectory, for `stats`
 
     def info(self) -> dict:
+        """What `info` says of this model beyond its declared contract (the server adds ops, inputs, outputs)."""
         return {
             "kind": "policy",
             "task": self.policy.config.task,
             "checkpoint": self.checkpoint,
             "checkpoint_sha256": self.hash,
             "arch": self.policy.config.arch,
-            "ops": ["act", "stream"],
-            "inputs": [{"name": "obs", "dtype": "float32", "shape": list(self.obs_shape)}],
-            "outputs": [{"name": "actions", "dtype": "float32", "shape": list(self.action_shape)}],
-            "params": {"seed": "optional integer in [0, 2^63): fixes the request's noise"},
             "solver": self.run.solver,
             "steps": self.run.steps,
             "accel": self.run.accel,
             "accel_options": self.run.accel_options,
             "backend": self.run.backend,
         }
-
-    def check(self, message: Message) -> None:
-        """Raises ProtocolError unless the message is exactly what this policy takes."""
-        if set(message.arrays) != {"obs"}:
-            raise ProtocolError("bad_array", f"a policy takes one array named 'obs', got {sorted(message.arrays)}")
-        obs = message.arrays["obs"]
-        if obs.dtype != np.float32 or obs.shape != self.obs_shape:
-            raise ProtocolError("bad_array", f"obs must be float32{list(self.obs_shape)}, got "
-                                             f"{obs.dtype.name}{list(obs.shape)}")
-        if not np.isfinite(obs).all():
-            raise ProtocolError("non_finite", "obs holds NaN or infinity")
-        unknown = set(message.params) - {"seed"}
-        if unknown:
-            raise ProtocolError("unsupported", f"unknown params {sorted(unknown)}; a policy takes 'seed'")
-        seed = message.params.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise ProtocolError("bad_message", "seed must be an integer in [0, 2^63)")
 
     def _generator(self, message: Message) -> torch.Generator:
         seed = message.params.get("seed")

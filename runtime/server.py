@@ -27,12 +27,14 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from rtdiff.runtime.service import check_arrays, check_request, check_service, describe
 from rtdiff.runtime.stats import percentiles
 from rtdiff_client.protocol import ERRORS, Limits, Message, ProtocolError, decode, error_reply, reply
 
 log = logging.getLogger("rtdiff.server")
 
 DEFAULT_CREDITS, MAX_CREDITS = 4, 64
+DUPLEX_INPUT_CREDITS = 8  # chunks a duplex client may send ahead of what the session has taken
 
 
 @dataclass
@@ -61,11 +63,22 @@ class Pending:
 class Stream:
     envelope: list
     message: Message
-    steps: object  # the service's iterator
-    credits: int
+    steps: object  # the service's iterator; for a duplex stream, its session
+    credits: int  # replies the server may still send
     arrival: float
     deadline: float | None
     seq: int = 0
+    duplex: bool = False
+    inputs: deque = field(default_factory=deque)  # duplex: chunks received, not yet taken by the session
+    input_credits: int = 0  # duplex: chunks the client may still send
+    ended: bool = False  # duplex: the client sent its last chunk
+    waiting: bool = False  # duplex: the session asked for more input than has arrived
+
+    def next_output(self):
+        """The next (arrays, result, final), or None while a duplex session waits for input."""
+        if not self.duplex:
+            return next(self.steps)
+        return self.steps.step(self.inputs, self.ended)
 
 
 class Stats:
@@ -94,6 +107,8 @@ class Server:
     def __init__(self, services: dict, config: ServerConfig | None = None, context: zmq.Context | None = None):
         if not services:
             raise ValueError("a server needs at least one model")
+        for name, service in services.items():
+            check_service(name, service)
         self.services = services
         self.config = config or ServerConfig()
         self.context = context or zmq.Context.instance()
@@ -180,7 +195,7 @@ class Server:
         self.stop_event.set()
 
     def _poll_timeout_ms(self) -> int:
-        if any(s.credits > 0 for s in self.streams.values()):
+        if any(s.credits > 0 and not s.waiting for s in self.streams.values()):
             return 0
         now = time.monotonic()
         wake = now + 0.1  # wake now and then even when idle, to notice a stop
@@ -226,14 +241,14 @@ class Server:
         limits = self.config.limits
         result = {
             "server": "rtdiff",
-            "models": {name: service.info() for name, service in self.services.items()},
+            "models": {name: describe(service) for name, service in self.services.items()},
             "limits": {"max_header_bytes": limits.max_header_bytes, "max_arrays": limits.max_arrays,
                        "max_array_bytes": limits.max_array_bytes, "max_dims": limits.max_dims},
             "batching": {"max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms},
             "errors": ERRORS,
         }
         if message.model is not None:
-            result["models"] = {message.model: self._service(message).info()}
+            result["models"] = {message.model: describe(self._service(message))}
         self._send(envelope, reply("info", message.id, result=result))
 
     def _op_stats(self, envelope, message, arrival, deadline) -> None:
@@ -245,7 +260,9 @@ class Server:
 
     def _op_act(self, envelope, message, arrival, deadline) -> None:
         service = self._service(message)
-        service.check(message)
+        if "act" not in service.ops:
+            raise ProtocolError("unsupported", f"model {message.model!r} does not answer act")
+        check_request(service, message)
         queue = self.queues[message.model]
         if len(queue) >= self.config.max_queue:
             raise ProtocolError("overloaded", f"model {message.model!r} has {len(queue)} requests queued")
@@ -254,29 +271,73 @@ class Server:
     def _op_stream(self, envelope, message, arrival, deadline) -> None:
         key = (envelope[0], message.id)
         if "grant" in message.params:  # more credit for an open stream
-            grant = message.params["grant"]
-            if message.arrays or set(message.params) != {"grant"} or not _credit_count(grant):
-                raise ProtocolError("bad_message", f"a grant carries only params.grant, an integer in [1, {MAX_CREDITS}]")
-            if key in self.streams:
-                stream = self.streams[key]
-                stream.credits = min(stream.credits + grant, MAX_CREDITS)
-            else:  # the stream ended (or was cancelled) while the grant was on its way: documented drop
-                self.stats.counts["stale_grants"] += 1
+            self._grant(key, message)
             return
+        service, request, credits = self._open(key, message)
+        self.streams[key] = Stream(envelope, request, iter(service.stream(request)), credits, arrival, deadline)
+
+    def _op_duplex(self, envelope, message, arrival, deadline) -> None:
+        key = (envelope[0], message.id)
+        if "grant" in message.params:
+            self._grant(key, message)
+            return
+        service, request, credits = self._open(key, message)
+        session = service.open_duplex(request)
+        self.streams[key] = Stream(envelope, request, session, credits, arrival, deadline, duplex=True,
+                                   input_credits=DUPLEX_INPUT_CREDITS)
+        # the client learns its input window from this first reply (no arrays, no seq)
+        self._send(envelope, reply("duplex", message.id, result={"opened": True, "input_credits": DUPLEX_INPUT_CREDITS}))
+
+    def _op_chunk(self, envelope, message, arrival, deadline) -> None:
+        """One input chunk of an open duplex stream, `id` the stream's; `params.end: true` marks the last. An
+        accepted chunk gets no reply of its own; a bad one ends the stream with the error."""
+        stream = self.streams.get((envelope[0], message.id))
+        if stream is None or not stream.duplex:
+            raise ProtocolError("bad_message", f"no open duplex stream {message.id!r} for this chunk")
+        try:
+            end = message.params.get("end", False)
+            if not isinstance(end, bool) or set(message.params) - {"end"}:
+                raise ProtocolError("bad_message", "a chunk's params are only end (a boolean)")
+            if stream.ended:
+                raise ProtocolError("bad_message", "a chunk after the stream's last (end: true) chunk")
+            if message.arrays or not end:
+                if stream.input_credits <= 0:
+                    raise ProtocolError("no_credit", "chunk sent without input credit")
+                check_arrays(self.services[stream.message.model].chunk_inputs, message.arrays)
+                stream.input_credits -= 1
+                stream.inputs.append(message.arrays)
+            stream.ended = end
+            stream.waiting = False
+        except ProtocolError as error:
+            del self.streams[(envelope[0], message.id)]
+            raise ProtocolError(error.code, f"{error.message}; the duplex stream is closed") from None
+
+    def _grant(self, key, message: Message) -> None:
+        grant = message.params["grant"]
+        if message.arrays or set(message.params) != {"grant"} or not _credit_count(grant):
+            raise ProtocolError("bad_message", f"a grant carries only params.grant, an integer in [1, {MAX_CREDITS}]")
+        if key in self.streams:
+            stream = self.streams[key]
+            stream.credits = min(stream.credits + grant, MAX_CREDITS)
+        else:  # the stream ended (or was cancelled) while the grant was on its way: documented drop
+            self.stats.counts["stale_grants"] += 1
+
+    def _open(self, key, message: Message):
+        """The service and the validated request (params without `credits`) for a new stream or duplex stream."""
         credits = message.params.get("credits", DEFAULT_CREDITS)
         if not _credit_count(credits):
             raise ProtocolError("bad_message", f"credits must be an integer in [1, {MAX_CREDITS}]")
         if key in self.streams:
             raise ProtocolError("bad_message", f"stream {message.id!r} is already open")
         service = self._service(message)
-        if not hasattr(service, "stream"):
-            raise ProtocolError("unsupported", f"model {message.model!r} does not stream")
+        if message.op not in service.ops:
+            raise ProtocolError("unsupported", f"model {message.model!r} does not answer {message.op}")
         if len(self.streams) >= self.config.max_streams:
             raise ProtocolError("overloaded", f"{len(self.streams)} streams open")
         request = Message(message.op, message.id, message.model, message.deadline_ms,
                           {k: v for k, v in message.params.items() if k != "credits"}, message.arrays)
-        service.check(request)
-        self.streams[key] = Stream(envelope, request, iter(service.stream(request)), credits, arrival, deadline)
+        check_request(service, request)
+        return service, request, credits
 
     def _op_cancel(self, envelope, message, arrival, deadline) -> None:
         target = message.params.get("target")
@@ -318,7 +379,7 @@ class Server:
             if stream.deadline is not None and stream.deadline <= now:
                 del self.streams[key]
                 self._send_error(stream.envelope, "deadline_exceeded", "stream deadline passed", stream.message.id,
-                                 "stream")
+                                 stream.message.op)
 
     def _run_batch(self, name: str) -> None:
         queue = self.queues[name]
@@ -354,21 +415,30 @@ class Server:
 
     def _advance_streams(self) -> None:
         for key, stream in list(self.streams.items()):
-            if stream.credits <= 0:
+            if stream.credits <= 0 or stream.waiting:
                 continue
+            op, queued = stream.message.op, len(stream.inputs)
             start = time.monotonic()
             try:
-                arrays, result, final = next(stream.steps)
+                output = stream.next_output()
             except Exception as error:
                 del self.streams[key]
                 log.exception("stream %r failed", key)
                 self._send_error(stream.envelope, "internal", f"stream failed: {type(error).__name__}",
-                                 stream.message.id, "stream")
+                                 stream.message.id, op)
                 continue
+            taken = queued - len(stream.inputs)
+            if taken:  # input credit back for the chunks the session took
+                stream.input_credits += taken
+                self._send(stream.envelope, reply(op, stream.message.id, result={"input_grant": taken}))
+            if output is None:  # a duplex session waiting for input: not polled again until a chunk arrives
+                stream.waiting = True
+                continue
+            arrays, result, final = output
             end = time.monotonic()
             timing = {"compute_ms": (end - start) * 1e3, "total_ms": (end - stream.arrival) * 1e3}
             stream.credits -= 1
-            self._send(stream.envelope, reply("stream", stream.message.id, arrays, result=result, timing=timing,
+            self._send(stream.envelope, reply(op, stream.message.id, arrays, result=result, timing=timing,
                                               seq=stream.seq, final=final))
             stream.seq += 1
             if final:
@@ -381,7 +451,7 @@ class Server:
                 pending = queue.popleft()
                 self._send_error(pending.envelope, "unavailable", "server shutting down", pending.message.id, "act")
         for stream in self.streams.values():
-            self._send_error(stream.envelope, "unavailable", "server shutting down", stream.message.id, "stream")
+            self._send_error(stream.envelope, "unavailable", "server shutting down", stream.message.id, stream.message.op)
         self.streams.clear()
 
 

@@ -16,7 +16,7 @@ import msgpack
 import numpy as np
 
 VERSION = 1
-OPS = ("info", "act", "stream", "cancel", "stats")
+OPS = ("info", "act", "stream", "duplex", "chunk", "cancel", "stats")
 DTYPES = ("float32", "float16", "int32", "int64", "uint8")
 # Built once: looking these up beats numpy's dtype constructors and `dtype.name` on the per-message path.
 _WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
@@ -24,13 +24,14 @@ _WIRE_NAMES = {dtype: name for name, dtype in _WIRE_DTYPES.items()}
 ERRORS = {
     "bad_message": "the message is not a valid rtdiff message (header, fields or frame count)",
     "unsupported_version": "the header's protocol version is not one this server speaks",
-    "unknown_op": "the op is not one of info, act, stream, cancel, stats",
+    "unknown_op": "the op is not one of info, act, stream, duplex, chunk, cancel, stats",
     "unknown_model": "no model of that name is served",
     "bad_array": "an array's dtype, shape or byte count is wrong, or it is not what the model takes",
     "too_large": "the message exceeds a limit (header bytes, arrays, array bytes, dimensions)",
     "non_finite": "a floating-point input holds NaN or infinity",
     "unsupported": "the model does not support this op or parameter",
     "overloaded": "the model's queue is full; retry later",
+    "no_credit": "a duplex stream's input chunk arrived without input credit (the stream ends)",
     "deadline_exceeded": "the result could not be produced before the request's deadline",
     "cancelled": "the request was cancelled by its client",
     "unavailable": "the server is shutting down",
