@@ -141,7 +141,8 @@ def fp16_overflow(folder: Path, manifest: dict) -> list[str]:
         runners.append((entry["file"], piece["full"], session, [v.name for v in exposed], constants, nodes))
     problems = {}
     for step in range(len(calibration["x"])):
-        values = {"x": calibration["x"][step], "t": calibration["t"][step], "cond": calibration["cond"]}
+        # x and t per step; the conditioning tensors, the same at every step
+        values = {name: value[step] if name in ("x", "t") else value for name, value in calibration.items()}
         for label, part, session, names, constants, nodes in runners:
             wanted = part["outputs"] + names
             outputs = dict(zip(wanted, session.run(wanted, {name: values[name] for name in part["inputs"]})))

@@ -42,12 +42,14 @@ class GraphedSampler:
         if getattr(accelerator, "name", "none") not in STATIC_ACCELERATORS:
             return self._per_step(denoiser, solver, noise, cond, accelerator)
         # keyed by what the accelerator decides, not by the instance: each request brings its own
-        key = (noise.shape, cond.shape, id(solver), accelerator.static_key())
+        cond = dict(cond or {})
+        key = (noise.shape, tuple((k, v.shape) for k, v in sorted(cond.items())), id(solver), accelerator.static_key())
         if key not in self.graphs:
             self.graphs[key] = self._capture(denoiser, solver, noise, cond, accelerator)
         graph, static_noise, static_cond, static_out, counts = self.graphs[key]
         static_noise.copy_(noise)
-        static_cond.copy_(cond)
+        for name, value in cond.items():
+            static_cond[name].copy_(value)
         graph.replay()
         _add_counts(accelerator, counts)  # the replay did what the captured trajectory did; count it so
         return static_out.clone()
@@ -62,7 +64,7 @@ class GraphedSampler:
         return sample(self.per_step[id(denoiser)], solver, noise, cond, None, accelerator)
 
     def _capture(self, denoiser, solver, noise, cond, accelerator):
-        static_noise, static_cond = noise.clone(), cond.clone()
+        static_noise, static_cond = noise.clone(), {name: value.clone() for name, value in cond.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture: allocator and kernel caches settle first
@@ -85,23 +87,24 @@ class GraphedCall:
         self.denoiser, self.warmup = denoiser, warmup
         self.graphs: dict[tuple, tuple] = {}
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        key = (x.shape, t.shape, cond.shape)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        key = (x.shape, t.shape, tuple((name, cond[name].shape) for name in sorted(cond)))
+        inputs = {"x": x, "t": t, **cond}
         if key not in self.graphs:
-            static = (x.clone(), t.clone(), cond.clone())
+            static = {name: value.clone() for name, value in inputs.items()}
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
-                    self.denoiser(*static)
+                    self.denoiser(**static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self.denoiser(*static)
+                out = self.denoiser(**static)
             self.graphs[key] = (graph, static, out)
         graph, static, out = self.graphs[key]
-        for buffer, value in zip(static, (x, t, cond)):
-            buffer.copy_(value)
+        for name, value in inputs.items():
+            static[name].copy_(value)
         graph.replay()
         return out.clone()
 

@@ -84,7 +84,9 @@ class ExportedDenoiser(nn.Module):
     def new_cache(self) -> BlockCache:
         return BlockCache(list(self.names))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *conditions: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        """As the torch model's forward: (x, t, then its conditioning tensors, by position or by name)."""
+        cond = {**dict(zip(self.manifest["conditions"], conditions)), **cond}
         cache = self.cache
         if cache is None:  # no accelerator's cache: every block computes
             cache = BlockCache(self.names, compute=set(self.names))
@@ -93,7 +95,7 @@ class ExportedDenoiser(nn.Module):
         given = x.shape[0]
         batch = self._exported_batch(given)
         values = {name: self.to_backend(value.to(torch.float32), batch)
-                  for name, value in (("x", x), ("t", t), ("cond", cond))}
+                  for name, value in {"x": x, "t": t, **cond}.items()}
         for k, piece in enumerate(self.pieces):
             computed = [name in cache.compute for name in piece["blocks"]]
             cache.requested += len(computed)

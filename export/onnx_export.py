@@ -34,7 +34,7 @@ from rtdiff.export.segments import Part, segments_from_schedule, split
 from rtdiff.export.source import ExportSource, export_source
 from rtdiff.runtime.accel.bac import load_schedule
 
-FORMAT = "rtdiff-export/1"
+FORMAT = "rtdiff-export/2"  # 2: conditioning inputs named as the model's forward names them (was one "cond")
 MANIFEST = "manifest.json"
 FORMS = ("full", "cached")
 DEFAULT_OPSET = 17
@@ -68,6 +68,7 @@ def export_onnx(checkpoint: str | ExportSource, out: str | Path, schedule_path: 
         "format": FORMAT, "checkpoint": source.label, "checkpoint_sha256": weights, "schedule": schedule_info,
         **source.description, "opset": opset, "precision": precision, "batch_sizes": list(batch_sizes),
         "torch": torch.__version__, "blocks": block_names, "values": {}, "pieces": [],
+        "conditions": [name for name in source.example_inputs(1) if name not in ("x", "t")],
     }
     for piece in pieces:
         manifest["pieces"].append({"blocks": piece.blocks, "block_values": piece.block_values,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-MODEL_INPUTS = ("x", "t", "cond")
+MODEL_INPUTS = ("x", "t")  # then the conditioning's named tensors, as the forward names them
 MODEL_OUTPUT = "out"
 
 
@@ -61,8 +61,8 @@ def trace(denoiser: nn.Module) -> fx.GraphModule:
     blocks = {id(module) for _, module in denoiser.cache_blocks()}
     graph = _BlockTracer(blocks).trace(denoiser)
     placeholders = [node.target for node in graph.nodes if node.op == "placeholder"]
-    if tuple(placeholders) != MODEL_INPUTS:
-        raise TypeError(f"a denoiser's forward takes {MODEL_INPUTS}, {type(denoiser).__name__} takes {placeholders}")
+    if tuple(placeholders[:2]) != MODEL_INPUTS:
+        raise TypeError(f"a denoiser's forward takes (x, t, **cond), {type(denoiser).__name__} takes {placeholders}")
     return fx.GraphModule(denoiser, graph)
 
 
@@ -158,9 +158,9 @@ def _is_model_output(node: fx.Node) -> bool:
 
 
 @torch.no_grad()
-def run_pieces(pieces: list[Piece], x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+def run_pieces(pieces: list[Piece], x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
     """Every piece in its full form, in torch: the reference the exported graphs are checked against."""
-    values = dict(zip(MODEL_INPUTS, (x, t, cond)))
+    values = {"x": x, "t": t, **cond}
     for piece in pieces:
         outputs = piece.full.module(*(values[name] for name in piece.full.inputs))
         values.update(zip(piece.full.outputs, outputs))

@@ -21,7 +21,7 @@ def policy_export_source(folder: Path, label: str | None = None) -> ExportSource
         return {
             "x": torch.randn(batch, config.horizon, config.action_dim, generator=generator),
             "t": torch.full((batch,), float(config.scheduler.num_train_timesteps // 2)),
-            "cond": torch.rand(batch, config.n_obs_steps, config.obs_dim, generator=generator) * 2 - 1,
+            "obs": torch.rand(batch, config.n_obs_steps, config.obs_dim, generator=generator) * 2 - 1,
         }
 
     @torch.no_grad()
@@ -40,15 +40,15 @@ def policy_export_source(folder: Path, label: str | None = None) -> ExportSource
             cond, origin = torch.rand(batch, config.n_obs_steps, config.obs_dim) * 2 - 1, "random"
         recorded = {"x": [], "t": []}
 
-        def recording(x, t, c):
+        def recording(x, t, **condition):
             recorded["x"].append(x.clone())
             recorded["t"].append(t.to(torch.float32))
-            return policy.denoiser(x, t, c)
+            return policy.denoiser(x, t, **condition)
 
-        sample(recording, solver, policy.initial_noise(batch, torch.Generator().manual_seed(0)), cond)
-        return {"x": torch.stack(recorded["x"]), "t": torch.stack(recorded["t"]), "cond": cond}, origin
+        sample(recording, solver, policy.initial_noise(batch, torch.Generator().manual_seed(0)), {"obs": cond})
+        return {"x": torch.stack(recorded["x"]), "t": torch.stack(recorded["t"]), "obs": cond}, origin
 
     description = {"arch": config.arch, "inputs": {"x": [config.horizon, config.action_dim], "t": [],
-                                                    "cond": [config.n_obs_steps, config.obs_dim]}}
+                                                    "obs": [config.n_obs_steps, config.obs_dim]}}
     return ExportSource(label or str(folder), policy.denoiser.eval(), checkpoint_hash(folder), example_inputs,
                         description, trajectory_inputs)

@@ -49,7 +49,7 @@ class DiffusionPolicy(nn.Module):
         request's answer does not depend on what it was batched with)."""
         self.check_observations(obs)
         device = self.obs_normalizer.min.device  # where the policy lives; the noise is drawn on the CPU regardless
-        cond = self.obs_normalizer.normalize(obs.to(device, torch.float32))
+        cond = {"obs": self.obs_normalizer.normalize(obs.to(device, torch.float32))}
         if noise is None:
             noise = self.initial_noise(obs.shape[0], generator)
         actions = self.sampler(self.denoiser, solver, noise.to(device), cond, generator, accelerator)
@@ -75,7 +75,7 @@ class DiffusionPolicy(nn.Module):
         """The executed actions as the trajectory refines them: the clean-sample estimate after each solver
         step, and at the last step the final sample (what `predict_actions` returns)."""
         self.check_observations(obs)
-        cond = self.obs_normalizer.normalize(obs.to(torch.float32))
+        cond = {"obs": self.obs_normalizer.normalize(obs.to(torch.float32))}
         last = len(solver.timesteps) - 1
         for step in trajectory(self.denoiser, solver, noise, cond, generator, accelerator):
             estimate = step.x if step.i == last else step.x0

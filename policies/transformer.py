@@ -141,12 +141,12 @@ class TransformerDenoiser(nn.Module):
                     nn.init.zeros_(module.linear.bias)
             nn.init.zeros_(self.head.weight)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (B, horizon, action_dim), t (B,), cond (B, n_obs_steps, obs_dim) -> (B, horizon, action_dim)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        """x (B, horizon, action_dim), t (B,), obs (B, n_obs_steps, obs_dim), normalised -> (B, horizon, action_dim)."""
         time = self.time_emb(t)
-        memory = torch.cat([time[:, None], self.cond_obs_emb(cond)], dim=1)
+        memory = torch.cat([time[:, None], self.cond_obs_emb(obs)], dim=1)
         memory = self.encoder(self.drop(memory + self.cond_pos_emb))
-        vector = None if self.cond_emb is None else self.cond_emb(torch.cat([time, cond.flatten(1)], dim=1))
+        vector = None if self.cond_emb is None else self.cond_emb(torch.cat([time, obs.flatten(1)], dim=1))
         h = self.drop(self.input_emb(x) + self.pos_emb)
         for layer in self.layers:
             h = layer(h, vector, memory, self.self_mask, self.memory_mask)

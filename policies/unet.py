@@ -87,9 +87,9 @@ class ConditionalUnet1d(nn.Module):
             Conv1dBlock(dims[0], dims[0], config.kernel_size, n_groups=8), nn.Conv1d(dims[0], config.action_dim, 1)
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (B, horizon, action_dim), t (B,), cond (B, n_obs_steps, obs_dim) -> (B, horizon, action_dim)."""
-        features = torch.cat([self.diffusion_step_encoder(t), cond.flatten(1)], dim=-1)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        """x (B, horizon, action_dim), t (B,), obs (B, n_obs_steps, obs_dim), normalised -> (B, horizon, action_dim)."""
+        features = torch.cat([self.diffusion_step_encoder(t), obs.flatten(1)], dim=-1)
         x = x.transpose(1, 2)
         skips = []
         for block1, block2, downsample in self.down_modules:

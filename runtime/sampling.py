@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import torch
 
@@ -12,7 +12,9 @@ from rtdiff.runtime.solvers import History, Solver
 if TYPE_CHECKING:
     from rtdiff.runtime.accel.base import Accelerator
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# denoiser(x_t, t, **cond): the conditioning is a mapping of named tensors, passed as keyword arguments
+Denoiser = Callable[..., torch.Tensor]
+Conditioning = Mapping[str, torch.Tensor]
 
 
 @torch.no_grad()
@@ -20,14 +22,16 @@ def sample(
     denoiser: Denoiser,
     solver: Solver,
     x: torch.Tensor,
-    cond: torch.Tensor,
+    cond: Conditioning | None,
     generator: torch.Generator | None = None,
     accelerator: Accelerator | None = None,
 ) -> torch.Tensor:
     """Run the whole trajectory from `x` (noise at the first timestep) and return the final sample.
 
-    `denoiser(x_t, t, cond)` takes a batch of timesteps (int64, shape (B,)) and
-    returns the prediction the solver's config names (epsilon, sample or v).
+    `denoiser(x_t, t, **cond)` takes a batch of timesteps (shape (B,), the
+    solver's `timestep_dtype`) and the conditioning's named tensors (a policy's
+    `obs`; a text embedding; a reference image and audio features), and returns
+    the prediction the solver names (epsilon, sample, v or flow).
     An accelerator (one per trajectory: it holds this trajectory's caches) may
     skip whole steps (its estimate replaces the model's) or let cached blocks
     stand in within a call.
@@ -50,7 +54,7 @@ def trajectory(
     denoiser: Denoiser,
     solver: Solver,
     x: torch.Tensor,
-    cond: torch.Tensor,
+    cond: Conditioning | None,
     generator: torch.Generator | None = None,
     accelerator: Accelerator | None = None,
 ) -> Iterator[Step]:
@@ -61,6 +65,7 @@ def trajectory(
     # other request's block cache is active on this model
     accelerator = accelerator if accelerator is not None else Accelerator()
     accelerator.bind(denoiser)
+    cond = dict(cond or {})
     history = History()
     accelerator.begin(solver)
     for i, t in enumerate(solver.timesteps):
@@ -69,7 +74,7 @@ def trajectory(
             accelerator.before_model_call(i)
             timestep = torch.full((x.shape[0],), t, dtype=solver.timestep_dtype, device=x.device)
             with accelerator.calling_model():
-                output = denoiser(x, timestep, cond)
+                output = denoiser(x, timestep, **cond)
             x0, eps = solver.predict(i, x, output)
         else:
             x0, eps = accelerator.estimate(i, x, history)

@@ -10,7 +10,7 @@ from rtdiff.export.exported import ExportError
 from rtdiff.export.onnx_export import export_onnx, sha256
 from rtdiff.export.onnxruntime_backend import OrtDenoiser
 from rtdiff.policies.backend import use_onnxruntime
-from rtdiff.export.segments import MODEL_INPUTS, run_pieces, segments_from_schedule, split
+from rtdiff.export.segments import run_pieces, segments_from_schedule, split
 from rtdiff.policies.checkpoint import load_policy, save_policy
 from rtdiff.runtime.checkpoints import checkpoint_hash
 from rtdiff.runtime.accel.bac import FORMAT, BACache, save_schedule
@@ -67,7 +67,7 @@ def test_pieces_reproduce_the_model_exactly(policy):
     x, t, cond = inputs(policy, 2)
     reference = policy.denoiser(x, t, cond)
     for segments in ([names], [[name] for name in names]):
-        torch.testing.assert_close(run_pieces(split(policy.denoiser, segments), x, t, cond), reference, rtol=0, atol=0)
+        torch.testing.assert_close(run_pieces(split(policy.denoiser, segments), x, t, obs=cond), reference, rtol=0, atol=0)
 
 
 @torch.no_grad()
@@ -86,7 +86,7 @@ def test_cached_piece_does_what_the_hooks_do_when_a_segment_is_served(policy):
         reference = policy.denoiser(x_next, t_next, cond)
     finally:
         hooks.detach()
-    values = dict(zip(MODEL_INPUTS, (x_next, t_next, cond)))
+    values = {"x": x_next, "t": t_next, "obs": cond}
     for k, piece in enumerate(pieces):
         part = piece.cached if k == 1 else piece.full
         if k == 1:

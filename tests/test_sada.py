@@ -48,7 +48,7 @@ def test_a_skipped_step_reuses_the_last_noise_estimate_at_the_current_sample(pol
 
     x = torch.randn(1, 8, 2, generator=torch.Generator().manual_seed(2))
     cond = torch.randn(1, 2, 5)
-    result = sample(denoiser, solver, x, cond, accelerator=accelerator)
+    result = sample(denoiser, solver, x, {"cond": cond}, accelerator=accelerator)
     assert solver.timesteps[3] not in seen and len(seen) == 5
     # Replay by hand: steps 0-2 from the model, step 3 from step 2's eps, then the model again.
     from rtdiff.runtime.solvers import History

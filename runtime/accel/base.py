@@ -75,7 +75,7 @@ class Accelerator:
         self.solver = solver
         self.trajectories += 1
         if self.cache is not None:
-            self.cache.outputs.clear()
+            self.cache.clear()
 
     def plan_step(self, i: int, x: torch.Tensor, history: History) -> str:
         return FULL

@@ -35,7 +35,10 @@ class BlockCache:
     """Outputs of the named blocks from the last step that computed each, plus counts of what ran."""
 
     names: list[str]
-    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    # block outputs per branch: one model call may run the model more than once on different inputs (the
+    # conditional and unconditional passes of classifier-free guidance), and each keeps its own cache
+    branches: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    branch: str = "main"
     compute: set[str] = field(default_factory=set)  # the blocks to run at the current model call
     tokens: torch.Tensor | None = None  # token positions token-wise blocks compute at this call (None: all)
     token_inputs: dict = field(default_factory=dict)  # block name -> (args, token index) -> the token's args
@@ -52,8 +55,18 @@ class BlockCache:
             raise RuntimeError(f"blocks {missing} must be computed in full before their cache can serve them")
         self.compute, self.tokens = compute, tokens
 
+    @property
+    def outputs(self) -> dict[str, torch.Tensor]:
+        """The current branch's block outputs."""
+        return self.branches.setdefault(self.branch, {})
+
+    def clear(self) -> None:
+        """A new trajectory: every branch's outputs go."""
+        self.branches.clear()
+        self.branch = "main"
+
     def reset(self) -> None:
-        self.outputs.clear()
+        self.clear()
         self.evaluated = self.requested = 0
 
 
@@ -139,6 +152,20 @@ def remove_hooks(denoiser: nn.Module) -> None:
     hooks = _INSTALLED.pop(denoiser, None)
     if hooks is not None:
         hooks.detach()
+
+
+@contextlib.contextmanager
+def branch(hooks, name: str):
+    """Within a model call, the blocks run for the named branch (its own cached outputs); back to "main" after."""
+    cache = hooks.cache if hooks is not None else None
+    if cache is None:
+        yield
+        return
+    cache.branch = name
+    try:
+        yield
+    finally:
+        cache.branch = "main"
 
 
 @contextlib.contextmanager
