@@ -38,11 +38,11 @@ from rtdiff.policies.accelerate import (
     bac_output_error,
     bac_step_sensitivity,
     calibration_observations,
-    feed_forward_blocks,
     policy_accelerator,
     record_calibration,
 )
 from rtdiff.policies.checkpoint import load_policy
+from rtdiff.runtime.accel.hooks import feed_forward_blocks
 from rtdiff.runtime.checkpoints import checkpoint_hash
 from rtdiff.policies.evaluate import evaluate
 from rtdiff.runtime.accel.bac import calibrate_to_fraction

@@ -33,7 +33,8 @@ import torch
 
 from rtdiff.export.onnx_export import export_onnx
 from rtdiff.policies.backend import use_onnxruntime
-from rtdiff.policies.accelerate import calibration_observations, feed_forward_blocks, record_calibration
+from rtdiff.policies.accelerate import calibration_observations, record_calibration
+from rtdiff.runtime.accel.hooks import feed_forward_blocks
 from rtdiff.policies.checkpoint import load_policy
 from rtdiff.runtime.checkpoints import checkpoint_hash
 from rtdiff.runtime.accel import make_accelerator

@@ -61,7 +61,7 @@ def export_onnx(checkpoint: str | ExportSource, out: str | Path, schedule_path: 
             raise ValueError(f"schedule {schedule_path} was calibrated on other weights than {source.label}")
         schedule_info = {"path": str(schedule_path), "sha256": sha256(Path(schedule_path).read_bytes()),
                          "solver": schedule.get("solver"), "steps": schedule["steps"]}
-    block_names = [name for name, _ in denoiser.cache_blocks()]
+    block_names = [name for name, _, _ in denoiser.cache_blocks()]
     pieces = split(denoiser, segments_from_schedule(block_names, schedule))
 
     manifest = {

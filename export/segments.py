@@ -58,7 +58,7 @@ class _BlockTracer(fx.Tracer):
 
 def trace(denoiser: nn.Module) -> fx.GraphModule:
     """The denoiser as an fx graph whose cacheable blocks are single `call_module` nodes."""
-    blocks = {id(module) for _, module in denoiser.cache_blocks()}
+    blocks = {id(module) for _, module, _ in denoiser.cache_blocks()}
     graph = _BlockTracer(blocks).trace(denoiser)
     placeholders = [node.target for node in graph.nodes if node.op == "placeholder"]
     if tuple(placeholders[:2]) != MODEL_INPUTS:
@@ -86,7 +86,7 @@ def segments_from_schedule(block_names: list[str], schedule: dict | None) -> lis
 def split(denoiser: nn.Module, segments: list[list[str]]) -> list[Piece]:
     """One piece per segment (module.eval() is the caller's business: the graph keeps what tracing saw)."""
     graph_module = trace(denoiser)
-    order = [name for name, _ in denoiser.cache_blocks()]
+    order = [name for name, _, _ in denoiser.cache_blocks()]
     if [name for segment in segments for name in segment] != order:
         raise ValueError("segments must cover the model's cache blocks once each, in execution order")
     nodes = [node for node in graph_module.graph.nodes if node.op not in ("placeholder", "get_attr")]

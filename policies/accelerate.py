@@ -28,12 +28,8 @@ from rtdiff.runtime.checkpoints import (
     schedule_path,
 )
 from rtdiff.runtime.accel.base import Accelerator
+from rtdiff.runtime.accel.hooks import feed_forward_blocks
 from rtdiff.runtime.accel.composed import skip_lattice
-
-
-def feed_forward_blocks(denoiser) -> set[str]:
-    """Blocks without attention: in BAC's terms the ones that amplify stale inputs (every UNet block)."""
-    return {name for name, module in denoiser.cache_blocks() if "Attention" not in type(module).__name__}
 
 
 def calibration_observations(demos_path: str | Path, policy, count: int, seed: int) -> torch.Tensor:
@@ -87,7 +83,7 @@ def bac_step_sensitivity(policy, solver_name: str, steps: int, demos_path: str |
 
     Eight observations: the sensitivities span five orders of magnitude and agree across observation sets;
     a 100-step UNet takes about two minutes on two cores."""
-    names = [name for name, _ in policy.denoiser.cache_blocks()]
+    names = [name for name, _, _ in policy.denoiser.cache_blocks()]
     return step_sensitivity(names, steps, bac_output_error(policy, solver_name, steps, demos_path, observations, seed))
 
 

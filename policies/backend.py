@@ -28,7 +28,7 @@ def with_backend(policy, checkpoint: str, backend: str, solver: str, steps: int,
         if schedule is None:
             raise FileNotFoundError(f"no {accel} schedule for {checkpoint} at {solver} {steps} "
                                     f"({schedule_path(checkpoint, solver, steps, accel)}): run `rtdiff calibrate {accel}`")
-    blocks = [name for name, _ in policy.denoiser.cache_blocks()]
+    blocks = [name for name, _, _ in policy.denoiser.cache_blocks()]
     policy.denoiser = exported_denoiser(checkpoint, backend, schedule, batch_sizes, threads, blocks)
     return policy
 
@@ -38,7 +38,7 @@ def use_onnxruntime(policy, folder: str | Path, checkpoint_sha256: str | None = 
     from rtdiff.export.onnxruntime_backend import OrtDenoiser
 
     denoiser = OrtDenoiser(folder, checkpoint_sha256, threads)
-    if denoiser.manifest["blocks"] != [name for name, _ in policy.denoiser.cache_blocks()]:
+    if denoiser.manifest["blocks"] != [name for name, _, _ in policy.denoiser.cache_blocks()]:
         raise ExportError(f"{folder} was exported from a model with other blocks than this policy's")
     policy.denoiser = denoiser
     return policy

@@ -21,6 +21,7 @@ from torch import nn
 
 from rtdiff.policies.config import PolicyConfig
 from rtdiff.policies.embeddings import SinusoidalPosEmb
+from rtdiff.runtime.accel.hooks import CacheBlock
 
 
 class Modulation(nn.Module):
@@ -156,10 +157,11 @@ class TransformerDenoiser(nn.Module):
             h = h * (1 + scale) + shift
         return self.head(h)
 
-    def cache_blocks(self) -> list[tuple[str, nn.Module]]:
+    def cache_blocks(self) -> list[CacheBlock]:
         """Every layer's self-attention, cross-attention and feed-forward branch, in execution order."""
-        kinds = (SelfAttentionBlock, CrossAttentionBlock, FeedForwardBlock)
-        return [(name, module) for name, module in self.named_modules() if isinstance(module, kinds)]
+        kinds = {SelfAttentionBlock: "attention", CrossAttentionBlock: "cross_attention", FeedForwardBlock: "feed_forward"}
+        return [CacheBlock(name, module, kinds[type(module)]) for name, module in self.named_modules()
+                if type(module) in kinds]
 
     def tokenwise_blocks(self) -> list[tuple[str, object]]:
         """Branches whose output at an action token depends only on that token's input (and the memory),

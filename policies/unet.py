@@ -13,6 +13,7 @@ from torch import nn
 
 from rtdiff.policies.config import PolicyConfig
 from rtdiff.policies.embeddings import SinusoidalPosEmb
+from rtdiff.runtime.accel.hooks import CacheBlock
 
 
 class Conv1dBlock(nn.Module):
@@ -103,10 +104,10 @@ class ConditionalUnet1d(nn.Module):
             x = upsample(block2(block1(x, features), features))
         return self.final_conv(x).transpose(1, 2)
 
-    def cache_blocks(self) -> list[tuple[str, nn.Module]]:
+    def cache_blocks(self) -> list[CacheBlock]:
         """The residual blocks in execution order: each one's output can stand in for a later step's."""
         return [
-            (name, module)
+            CacheBlock(name, module, "resolution_stage")
             for name, module in self.named_modules()
             if isinstance(module, ConditionalResidualBlock1d)
         ]

@@ -10,7 +10,7 @@ from rtdiff.runtime.accel.hooks import CacheHooks, remove_hooks
 
 
 def carries_hooks(denoiser) -> bool:
-    return any("forward" in module.__dict__ for _, module in denoiser.cache_blocks())
+    return any("forward" in module.__dict__ for _, module, _ in denoiser.cache_blocks())
 
 def chunk(policy, accelerator=None, steps=10, seed=0):
     obs = torch.randn(2, policy.config.n_obs_steps, policy.config.obs_dim, generator=torch.Generator().manual_seed(1))
@@ -47,14 +47,14 @@ def test_cache_does_not_leak_across_trajectories(policy):
 
 def test_hooks_leave_the_model_as_they_found_it(policy):
     reference = chunk(policy)
-    classes_forward = {type(m).forward for _, m in policy.denoiser.cache_blocks()}
+    classes_forward = {type(m).forward for _, m, _ in policy.denoiser.cache_blocks()}
     hooks = CacheHooks(policy.denoiser).attach()
-    assert all("forward" in m.__dict__ for _, m in policy.denoiser.cache_blocks())
+    assert all("forward" in m.__dict__ for _, m, _ in policy.denoiser.cache_blocks())
     with pytest.raises(RuntimeError, match="already has a wrapped forward"):
         CacheHooks(policy.denoiser).attach()
     hooks.detach()
-    assert all("forward" not in m.__dict__ for _, m in policy.denoiser.cache_blocks())
-    assert {type(m).forward for _, m in policy.denoiser.cache_blocks()} == classes_forward
+    assert all("forward" not in m.__dict__ for _, m, _ in policy.denoiser.cache_blocks())
+    assert {type(m).forward for _, m, _ in policy.denoiser.cache_blocks()} == classes_forward
     torch.testing.assert_close(chunk(policy), reference, rtol=0, atol=0)
 
 

@@ -170,13 +170,13 @@ def test_recording_captures_every_block_at_every_step(tiny_policy):
     obs = torch.randn(3, 2, 5)
     solver = tiny_policy.make_solver("ddim", 7)
     outputs = record_block_outputs(lambda recorder: tiny_policy.predict_chunk(obs, solver, None, recorder))
-    assert list(outputs) == [name for name, _ in tiny_policy.denoiser.cache_blocks()]
+    assert list(outputs) == [name for name, _, _ in tiny_policy.denoiser.cache_blocks()]
     assert all(value.shape[:2] == (7, 3) for value in outputs.values())
     assert block_hooks(tiny_policy.denoiser).cache is None  # the hooks stay, with no cache active
 
 
 def test_bac_cache_follows_its_schedule(tiny_policy):
-    names = [name for name, _ in tiny_policy.denoiser.cache_blocks()]
+    names = [name for name, _, _ in tiny_policy.denoiser.cache_blocks()]
     obs = torch.randn(2, 2, 5)
     solver = tiny_policy.make_solver("ddim", 6)
     reference = tiny_policy.predict_chunk(obs, solver, torch.Generator().manual_seed(0))

@@ -46,7 +46,7 @@ def exported(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"export-{request.param}")
     checkpoint = save_policy(make_tiny_policy(request.param), folder / "policy")
     policy = load_policy(checkpoint)
-    schedule = tiny_schedule([name for name, _ in policy.denoiser.cache_blocks()], checkpoint_hash(checkpoint))
+    schedule = tiny_schedule([name for name, _, _ in policy.denoiser.cache_blocks()], checkpoint_hash(checkpoint))
     save_schedule(schedule, folder / "schedule.json")
     export_onnx(str(checkpoint), folder / "onnx", folder / "schedule.json", batch_sizes=(1, 3))
     return checkpoint, schedule, folder / "onnx"
@@ -63,7 +63,7 @@ def test_segments_are_runs_of_blocks_with_the_same_updates():
 
 @torch.no_grad()
 def test_pieces_reproduce_the_model_exactly(policy):
-    names = [name for name, _ in policy.denoiser.cache_blocks()]
+    names = [name for name, _, _ in policy.denoiser.cache_blocks()]
     x, t, cond = inputs(policy, 2)
     reference = policy.denoiser(x, t, cond)
     for segments in ([names], [[name] for name in names]):
@@ -72,7 +72,7 @@ def test_pieces_reproduce_the_model_exactly(policy):
 
 @torch.no_grad()
 def test_cached_piece_does_what_the_hooks_do_when_a_segment_is_served(policy):
-    names = [name for name, _ in policy.denoiser.cache_blocks()]
+    names = [name for name, _, _ in policy.denoiser.cache_blocks()]
     segments = [names[:2], names[2:5], names[5:]]
     pieces = split(policy.denoiser, segments)
     x, t, cond = inputs(policy, 2)

@@ -25,12 +25,12 @@ def test_cache_blocks_are_listed_in_execution_order(policy):
     blocks = policy.denoiser.cache_blocks()
     assert len(blocks) >= 4
     called = []
-    handles = [module.register_forward_hook(lambda m, a, o, name=name: called.append(name)) for name, module in blocks]
+    handles = [module.register_forward_hook(lambda m, a, o, name=name: called.append(name)) for name, module, _ in blocks]
     c = policy.config
     policy.denoiser(torch.randn(1, c.horizon, c.action_dim), torch.tensor([3]), torch.randn(1, c.n_obs_steps, c.obs_dim))
     for handle in handles:
         handle.remove()
-    assert called == [name for name, _ in blocks]
+    assert called == [name for name, _, _ in blocks]
 
 
 def test_checkpoint_round_trip(policy, tmp_path):
@@ -153,3 +153,8 @@ def test_adaln_transformer_starts_as_zero_and_plain_one_keeps_diffusion_policy_l
     assert not any("modulation" in n or n.startswith("cond_emb") for n in names)
     assert {"layers.0.self_attn.norm.weight", "ln_f.weight"} <= names  # affine pre-norms, as Diffusion Policy's
     assert plain(x, t, cond).abs().sum() > 0
+
+
+def test_blocks_declare_their_kinds(make_tiny):
+    kinds = {arch: {kind for _, _, kind in make_tiny(arch).denoiser.cache_blocks()} for arch in ("unet", "transformer")}
+    assert kinds == {"unet": {"resolution_stage"}, "transformer": {"attention", "cross_attention", "feed_forward"}}

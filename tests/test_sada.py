@@ -87,7 +87,7 @@ def test_skip_lattice_leaves_every_run_an_anchor():
 
 
 def test_bac_and_sada_never_share_a_step(policy):
-    names = [name for name, _ in policy.denoiser.cache_blocks()]
+    names = [name for name, _, _ in policy.denoiser.cache_blocks()]
     # odd blocks refresh at 0, 3, 6; even blocks at 0, 4, 8: steps 1, 2, 5, 7, 9 refresh nothing
     schedule = {"steps": 10, "blocks": {n: [0, 3, 6] if k % 2 else [0, 4, 8] for k, n in enumerate(names)}}
 
@@ -111,7 +111,7 @@ def test_bac_and_sada_never_share_a_step(policy):
 
 
 def test_a_bac_sada_schedule_limits_skips_to_its_lattice_and_sets_sada_defaults(policy):
-    names = [name for name, _ in policy.denoiser.cache_blocks()]
+    names = [name for name, _, _ in policy.denoiser.cache_blocks()]
     schedule = {"steps": 10, "blocks": {n: [0, 2, 5, 8] for n in names}, "skippable": [3, 6],
                 "sada": {"window": [0.0, 1.0], "max_consecutive": 1}}
     accelerator = make_accelerator("bac+sada", schedule=schedule, solver="ddim", steps=10, threshold=math.inf)
@@ -122,7 +122,7 @@ def test_a_bac_sada_schedule_limits_skips_to_its_lattice_and_sets_sada_defaults(
 
 def test_bac_sada_makes_no_partial_call_when_sada_is_told_not_to(make_tiny):
     transformer = make_tiny("transformer")
-    names = [name for name, _ in transformer.denoiser.cache_blocks()]
+    names = [name for name, _, _ in transformer.denoiser.cache_blocks()]
     schedule = {"steps": 10, "blocks": {n: [0, 4, 8] for n in names}}
     accelerator = make_accelerator("bac+sada", schedule=schedule, solver="ddim", steps=10, threshold=-math.inf,
                                    token_threshold=math.inf, tokenwise=False)
@@ -141,7 +141,7 @@ def test_partial_call_recomputes_named_tokens_and_serves_the_rest_from_cache(tra
     from rtdiff.runtime.accel.hooks import CacheHooks
 
     denoiser = transformer.denoiser
-    blocks = dict(denoiser.cache_blocks())
+    blocks = {block.name: block.module for block in denoiser.cache_blocks()}
     tokenwise = dict(denoiser.tokenwise_blocks())
     cond, t = torch.randn(2, 2, 5), torch.full((2,), 50)
     tokens, others = torch.tensor([1, 4]), [0, 2, 3, 5]
@@ -171,7 +171,7 @@ def test_partial_call_recomputes_named_tokens_and_serves_the_rest_from_cache(tra
 def test_selected_cross_attention_equals_full_cross_attention_at_those_tokens(transformer):
     denoiser = transformer.denoiser
     name, select = next((n, f) for n, f in denoiser.tokenwise_blocks() if n.endswith("cross_attn"))
-    block = dict(denoiser.cache_blocks())[name]
+    block = {block.name: block.module for block in denoiser.cache_blocks()}[name]
     x, cond, memory = torch.randn(2, 6, 16), torch.randn(2, 16), torch.randn(2, 3, 16)
     torch.nn.init.normal_(block.modulation.linear.weight)  # adaLN-Zero starts at zero; make the gate non-trivial
     tokens = torch.tensor([0, 2, 5])

@@ -25,9 +25,28 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+# What a cacheable block is, as the model declares it in `cache_blocks()`: BAC gives feed-forward-like blocks
+# (which amplify stale inputs) extra refreshes; reports and heatmaps group by kind.
+BLOCK_KINDS = ("attention", "cross_attention", "feed_forward", "resolution_stage")
+
+
+class CacheBlock(NamedTuple):
+    """One entry of a denoiser's `cache_blocks()`, in execution order."""
+
+    name: str
+    module: nn.Module
+    kind: str
+
+
+def feed_forward_blocks(denoiser) -> set[str]:
+    """Blocks that mix no tokens (feed-forward branches, convolutional resolution stages): in BAC's terms the
+    ones that amplify stale inputs."""
+    return {name for name, _, kind in denoiser.cache_blocks() if kind in ("feed_forward", "resolution_stage")}
 
 
 @dataclass
@@ -77,7 +96,12 @@ class CacheHooks:
     def __init__(self, denoiser: nn.Module):
         if not hasattr(denoiser, "cache_blocks"):
             raise TypeError(f"{type(denoiser).__name__} does not list cache_blocks()")
-        self.blocks: list[tuple[str, nn.Module]] = list(denoiser.cache_blocks())
+        self.blocks: list[tuple[str, nn.Module]] = []
+        for block in denoiser.cache_blocks():
+            if len(block) != 3 or block[2] not in BLOCK_KINDS:
+                raise TypeError(f"{type(denoiser).__name__}.cache_blocks() must list (name, module, kind) with kind "
+                                f"one of {BLOCK_KINDS}, got {block[0]!r}: {block[2:]!r}")
+            self.blocks.append((block[0], block[1]))
         self.names = [name for name, _ in self.blocks]
         self.token_inputs = dict(denoiser.tokenwise_blocks()) if hasattr(denoiser, "tokenwise_blocks") else {}
         self.cache: BlockCache | None = self.new_cache()  # standalone use; installed hooks start inactive
