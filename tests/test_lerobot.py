@@ -147,6 +147,11 @@ def test_lerobot_checkpoint_matches_reference(tmp_path, stats, new_style):
     actions = policy.predict_actions(torch.zeros(2, N_OBS, STATE), policy.make_solver("ddim", 5))
     assert actions.shape == (2, 4, ACTION)
     assert (actions >= 10.0 - 1e-3).all() and (actions[..., 0] <= 500.0 + 1e-3).all()  # clipped x0, unnormalised
+    # without a solver named, a LeRobot checkpoint runs its own: DDPM with its step count
+    assert policy.solver_settings() == ("ddpm", 100)
+    own = policy.make_solver()
+    assert own.name == "ddpm" and len(own.timesteps) == 100
+    assert policy.solver_settings("ddim", 10) == ("ddim", 10)
 
 
 def test_lerobot_image_policy_is_refused(tmp_path):
