@@ -48,7 +48,6 @@ def cmd_demos(args) -> None:
     print(f"wrote {args.out}: {len(episodes)} episodes, expert score_mean {report['score_mean']:.3f}")
 
 
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "policies" / "checkpoints"
 # Diffusion Policy's horizons. The transformer attends without causal masks: on these demonstrations it
 # trains much faster (denoising loss 0.054 vs 0.078 after 800 steps, same seed and learning rate).
 # adaLN conditioning: see policies/transformer.py.
@@ -57,7 +56,7 @@ ARCH_LR = {"unet": 1e-3, "transformer": 1e-3}
 
 
 def cmd_train(args) -> None:
-    from rtdiff.policies.checkpoint import load_policy, save_policy
+    from rtdiff.policies.checkpoint import BUNDLED, load_policy, save_policy
     from rtdiff.runtime.checkpoints import checkpoint_hash, read_metadata
     from rtdiff.policies.config import PolicyConfig
     from rtdiff.policies.train import TrainConfig, train
@@ -82,7 +81,7 @@ def cmd_train(args) -> None:
     policy, report = train(demos, config, train_config, init=init)
     command = (f"rtdiff train {task.name} --arch {args.arch} --steps {args.steps} --batch-size {args.batch_size} "
                f"--lr {args.lr} --seed {args.seed} --threads {args.threads}" + (f" --init {args.init}" if init else ""))
-    out = args.out or CHECKPOINTS / f"{task.name}-{args.arch}"
+    out = args.out or BUNDLED / f"{task.name}-{args.arch}"
     save_policy(policy, out, metadata={"command": command, **lineage, "demos": demos.meta.get("command", ""), **report})
     print(f"wrote {out}: {report}")
 
