@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from rtdiff.runtime.cli import write_json
+from rtdiff.runtime.cli import add_run_arguments, write_json
 from rtdiff.sims.tasks import TASKS
 
 EVAL_SEED = 100_000  # evaluation seeds start here, far from the demonstration seeds 0..N-1
@@ -219,13 +219,7 @@ def add_commands(commands) -> None:
         sub.add_argument("--checkpoint", help="bundled name or checkpoint folder (default: TASK-unet)")
         sub.add_argument("--episodes", type=int, default=episodes)
         sub.add_argument("--seed", type=int, default=EVAL_SEED)
-        sub.add_argument("--solver", help="ddim | ddpm | dpmpp (default: the checkpoint's own)")
-        sub.add_argument("--steps", type=int, help="solver steps (default: the checkpoint's own)")
-        sub.add_argument("--accel", default="none", help="none | uniform | bac | sada | bac+sada (bac, bac+sada: schedules "
-                         "ship with the bundled checkpoints at their solver settings; `rtdiff calibrate` for others)")
-        sub.add_argument("--accel-option", action="append", default=[], metavar="KEY=VALUE",
-                         help="an accelerator option, VALUE in JSON, e.g. threshold=0.02 or window=[0.1,0.9] (repeatable)")
-        sub.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt (exported and built on first use, cached)")
+        add_run_arguments(sub)
         sub.add_argument("--json")
 
     calibrate = commands.add_parser("calibrate", help="calibrate an accelerator's schedule for a checkpoint")
@@ -273,11 +267,6 @@ def add_commands(commands) -> None:
     sim.add_argument("--json")
     local = sim.add_argument_group("a local server", "with --backend, sim starts its own server for --checkpoint "
                                    "instead of connecting to --server")
-    local.add_argument("--backend", help="torch | onnxruntime | tensorrt")
     local.add_argument("--checkpoint", help="bundled name or checkpoint folder (default: TASK-unet)")
-    local.add_argument("--solver", help="default: the checkpoint's own")
-    local.add_argument("--steps", type=int, help="default: the checkpoint's own")
-    local.add_argument("--accel", default="none")
-    local.add_argument("--accel-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="an accelerator option, VALUE in JSON, e.g. threshold=0.02 or window=[0.1,0.9] (repeatable)")
+    add_run_arguments(local, backend=None)
     sim.set_defaults(run=cmd_sim)

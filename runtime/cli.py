@@ -89,6 +89,18 @@ def cmd_keys(args) -> None:
           f"give clients server.key and their own key pair, never server.key_secret")
 
 
+def add_run_arguments(parser, backend: str | None = "torch") -> None:
+    """What a run is made of (runtime/run.py), the same options wherever a command runs a model."""
+    parser.add_argument("--solver", help="ddim | ddpm | dpmpp | flow (default: the checkpoint's own)")
+    parser.add_argument("--steps", type=int, help="solver steps (default: the checkpoint's own)")
+    parser.add_argument("--accel", default="none", help="none | uniform | bac | sada | bac+sada (bac, bac+sada: "
+                        "schedules ship with the bundled checkpoints at their own solver; `rtdiff calibrate` for others)")
+    parser.add_argument("--accel-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an accelerator option, VALUE in JSON, e.g. threshold=0.02 or window=[0.1,0.9] (repeatable)")
+    parser.add_argument("--backend", default=backend, help="torch | onnxruntime | tensorrt | cudagraph "
+                        "(exported and built on first use, cached)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rtdiff.runtime.registry import modalities
 
@@ -109,12 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", action="append", required=True, metavar="NAME=CHECKPOINT",
                        help="a model to serve under NAME (repeatable)")
     serve.add_argument("--bind", default="tcp://127.0.0.1:5555")
-    serve.add_argument("--solver", help="ddim | ddpm | dpmpp | flow (default: each checkpoint's own)")
-    serve.add_argument("--steps", type=int, help="solver steps (default: each checkpoint's own)")
-    serve.add_argument("--accel", default="none")
-    serve.add_argument("--accel-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="an accelerator option, VALUE in JSON, e.g. threshold=0.02 or window=[0.1,0.9] (repeatable)")
-    serve.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt")
+    add_run_arguments(serve, backend="torch")
     serve.add_argument("--max-batch", type=int, default=16, help="1 turns dynamic batching off")
     serve.add_argument("--max-wait-ms", type=float, default=0.0,
                        help="how long a request may wait for others to batch with (0: none; load makes batches)")

@@ -14,14 +14,13 @@ diffusers' scheduler within 1e-5.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rtdiff.runtime.solvers import History, Solver
+from rtdiff.runtime.solvers import History, Solver, read_scheduler_config
 
 
 @dataclass(frozen=True)
@@ -52,15 +51,7 @@ class FlowMatchConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> FlowMatchConfig:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "scheduler_config.json"
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"scheduler config not found: {path}") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"scheduler config {path} is not valid JSON: {error}") from None
+        return cls.from_dict(read_scheduler_config(path))
 
 
 class FlowMatchEuler(Solver):

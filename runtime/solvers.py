@@ -72,19 +72,23 @@ class SchedulerConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> SchedulerConfig:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "scheduler_config.json"
-        try:
-            config = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"scheduler config not found: {path}") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"scheduler config {path} is not valid JSON: {error}") from None
-        return cls.from_dict(config)
+        return cls.from_dict(read_scheduler_config(path))
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def read_scheduler_config(path: str | Path) -> dict:
+    """A diffusers `scheduler_config.json` (or the folder holding one) as a dict."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "scheduler_config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"scheduler config not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"scheduler config {path} is not valid JSON: {error}") from None
 
 
 def alphas_cumprod(config: SchedulerConfig) -> torch.Tensor:
