@@ -76,15 +76,25 @@ def cmd_serve(args) -> None:
 
 
 def cmd_keys(args) -> None:
+    import os
     import shutil
 
     from zmq.auth import create_certificates
 
     out = Path(args.dir)
-    (out / "clients").mkdir(parents=True, exist_ok=True)
-    create_certificates(out, "server")
-    create_certificates(out, "client")
-    shutil.copy(out / "client.key", out / "clients" / "client.key")  # the server admits the clients listed here
+    old_umask = os.umask(0o077)  # secret keys are never readable by others, not even for a moment
+    try:
+        (out / "clients").mkdir(parents=True, exist_ok=True)
+        create_certificates(out, "server")
+        create_certificates(out, "client")
+        shutil.copy(out / "client.key", out / "clients" / "client.key")  # the server admits the clients listed here
+    finally:
+        os.umask(old_umask)
+    out.chmod(0o700)
+    for secret in out.glob("*.key_secret"):
+        secret.chmod(0o600)
+    for public in [*out.glob("*.key"), *(out / "clients").glob("*.key")]:
+        public.chmod(0o644)  # public keys are meant to be handed out
     print(f"wrote {out}/server.key[_secret], {out}/client.key[_secret] and {out}/clients/client.key; "
           f"give clients server.key and their own key pair, never server.key_secret")
 

@@ -34,6 +34,7 @@ from rtdiff_client.protocol import ERRORS, Limits, Message, ProtocolError, decod
 log = logging.getLogger("rtdiff.server")
 
 DEFAULT_CREDITS, MAX_CREDITS = 4, 64
+CLIENTS_CHECK_S = 1.0  # how often the allowed-clients folder is looked at for changes
 DUPLEX_INPUT_CREDITS = 8  # chunks a duplex client may send ahead of what the session has taken
 
 
@@ -118,6 +119,10 @@ class Server:
         self.streams: dict[tuple, Stream] = {}
         self.stop_event = threading.Event()
         self._authenticator = None
+        self._clients_dir: Path | None = None
+        self._clients_seen: tuple = ()
+        self._next_clients_check = 0.0
+        self._reload_requested = False
         self.socket = self._open_socket()
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -146,8 +151,30 @@ class Server:
         if clients.is_dir():  # only the clients whose public certificates are listed there
             self._authenticator = ThreadAuthenticator(self.context)
             self._authenticator.start()
-            self._authenticator.configure_curve(domain="*", location=str(clients))
+            self._clients_dir = clients
+            self.reload_clients()
         socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
+
+    def _clients_stamp(self) -> tuple:
+        try:
+            return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in self._clients_dir.iterdir()))
+        except OSError:
+            return ()
+
+    def reload_clients(self) -> None:
+        """Read the allowed-clients folder again: keys added there are admitted, keys removed are refused from
+        the next handshake on (connections already made stay). Called when the folder changes and on SIGHUP."""
+        self._clients_seen = self._clients_stamp()
+        self._authenticator.configure_curve(domain="*", location=str(self._clients_dir))
+        self._reload_requested = False
+
+    def _watch_clients(self, now: float) -> None:
+        if self._authenticator is None or (now < self._next_clients_check and not self._reload_requested):
+            return
+        self._next_clients_check = now + CLIENTS_CHECK_S
+        if self._reload_requested or self._clients_stamp() != self._clients_seen:
+            log.info("reloading the allowed clients from %s", self._clients_dir)
+            self.reload_clients()
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -175,6 +202,7 @@ class Server:
         if handle_signals:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, lambda *_: self.stop_event.set())
+            signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_requested", True))
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         try:
@@ -182,6 +210,7 @@ class Server:
                 if poller.poll(self._poll_timeout_ms()):
                     self._read_all()
                 now = time.monotonic()
+                self._watch_clients(now)
                 self._expire(now)
                 for name in self.queues:
                     if self._batch_due(name, now):

@@ -149,3 +149,34 @@ def test_served_accelerator_takes_its_options_from_the_command_line(tiny_checkpo
                              timeout=120)
     assert refused.returncode == 2 and refused.stderr.strip() == \
         "rtdiff: error: uniform cache interval must be an integer >= 1, got 0"
+
+
+def test_keys_are_private_and_new_clients_are_admitted_without_a_restart(tiny_checkpoint, tmp_path):
+    from zmq.auth import create_certificates
+
+    from rtdiff_client.client import Client
+
+    keys = tmp_path / "keys"
+    assert subprocess.run([sys.executable, "-m", "rtdiff.runtime.cli", "keys", str(keys)],
+                          capture_output=True, timeout=60).returncode == 0
+    assert keys.stat().st_mode & 0o777 == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in keys.glob("*.key_secret")} == \
+        {"server.key_secret": 0o600, "client.key_secret": 0o600}
+
+    newcomer = tmp_path / "newcomer"
+    newcomer.mkdir()
+    create_certificates(newcomer, "client")
+    (newcomer / "server.key").write_bytes((keys / "server.key").read_bytes())
+    address = free_address()
+    server = start_server(tiny_checkpoint, address, "--curve", str(keys))
+    try:
+        stranger = Client(address, model="tiny", timeout_ms=1000, retries=0, curve_dir=newcomer)
+        with pytest.raises(TimeoutError):
+            stranger.info()
+        stranger.close()
+        (keys / "clients" / "newcomer.key").write_bytes((newcomer / "client.key").read_bytes())
+        time.sleep(2.5)  # the folder is looked at once a second
+        with Client(address, model="tiny", timeout_ms=10_000, retries=0, curve_dir=newcomer) as admitted:
+            assert "tiny" in admitted.info()["models"]
+    finally:
+        server.kill()
