@@ -63,12 +63,18 @@ def cmd_serve(args) -> None:
         name, sep, checkpoint = spec.partition("=")
         if not sep or not name or not checkpoint:
             raise ValueError(f"--model takes NAME=CHECKPOINT, got {spec!r}")
+        if checkpoint == "null" or checkpoint.startswith("null:"):  # no compute: for protocol benchmarks
+            from rtdiff.runtime.null_service import NullService
+
+            services[name] = NullService.from_spec(checkpoint)
+            continue
         run = RunConfig(checkpoint, args.solver, args.steps, accel=args.accel, accel_options=options,
                         backend=args.backend, batch_sizes=batch_sizes, threads=args.threads)
         services[name] = make_service(run)
     config = ServerConfig(bind=args.bind, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, curve_dir=args.curve)
     server = Server(services, config)
-    settings = "; ".join(f"{n}={s.run.checkpoint} {s.run.solver} {s.run.steps}" for n, s in services.items())
+    settings = "; ".join(f"{n}={s.run.checkpoint} {s.run.solver} {s.run.steps}" if hasattr(s, "run") else f"{n}=null"
+                         for n, s in services.items())
     print(f"serving {settings} on {server.address} (accel {args.accel}, backend {args.backend}, max batch "
           f"{args.max_batch}{', CURVE' if args.curve else ''})", flush=True)
     server.serve_forever(handle_signals=True)
@@ -129,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve models over ZeroMQ (docs/protocol.md)")
     serve.add_argument("--model", action="append", required=True, metavar="NAME=CHECKPOINT",
-                       help="a model to serve under NAME (repeatable)")
+                       help="a model to serve under NAME (repeatable); CHECKPOINT `null` (or null:obs=2x5:actions=16x2) "
+                            "answers zeros with no compute, for protocol benchmarks")
     serve.add_argument("--bind", default="tcp://127.0.0.1:5555")
     add_run_arguments(serve, backend="torch")
     serve.add_argument("--max-batch", type=int, default=16, help="1 turns dynamic batching off")

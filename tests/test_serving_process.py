@@ -180,3 +180,24 @@ def test_keys_are_private_and_new_clients_are_admitted_without_a_restart(tiny_ch
             assert "tiny" in admitted.info()["models"]
     finally:
         server.kill()
+
+
+def test_the_null_model_answers_zeros_of_its_declared_shapes_and_validates_like_any_model():
+    from rtdiff_client.client import Client, ServerError
+
+    address = free_address()
+    process = subprocess.Popen([sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", "bench=null:actions=16x2",
+                                "--bind", address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout.readline().startswith("serving")
+        with Client(address, model="bench", timeout_ms=10_000, retries=0) as client:
+            reply = client.act(np.ones((2, 5), np.float32))
+            assert reply.arrays["actions"].shape == (16, 2) and not reply.arrays["actions"].any()
+            with pytest.raises(ServerError, match="bad_array"):
+                client.act(np.ones((3, 5), np.float32))
+            assert client.info()["models"]["bench"]["outputs"][0]["shape"] == [16, 2]
+    finally:
+        process.kill()
+    refused = subprocess.run([sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", "bench=null:obs=2y5"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "dimensions are integers" in refused.stderr
