@@ -16,6 +16,7 @@ estimate so far (the last reply is what `act` returns).
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 
 import numpy as np
@@ -52,6 +53,7 @@ class PolicyService:
         self.outputs = (ArraySpec("actions", "float32", (config.n_action_steps, config.action_dim)),)
         self.hash = checkpoint_hash(run.checkpoint)
         self.recent_stats: deque[dict] = deque(maxlen=1000)  # per finished trajectory, for `stats`
+        self._stats_lock = threading.Lock()  # appended on the model's worker, read on the server's loop
 
     def info(self) -> dict:
         """What `info` says of this model beyond its declared contract (the server adds ops, inputs, outputs)."""
@@ -78,7 +80,7 @@ class PolicyService:
         noise = torch.cat([self.policy.initial_noise(1, g) for g in generators])
         accelerator = self.new_accelerator()  # DDPM's per-step noise: row by row, each request's own generator
         actions = self.policy.predict_actions(obs, self.solver, generators, accelerator, noise)
-        self.recent_stats.append(accelerator.stats())
+        self._record(accelerator)
         return [{"actions": a} for a in actions.numpy()]
 
     def stream(self, message: Message):
@@ -91,12 +93,17 @@ class PolicyService:
         for i, actions in steps:
             final = i == self.run.steps - 1
             if final:
-                self.recent_stats.append(accelerator.stats())
+                self._record(accelerator)
             yield {"actions": actions[0].numpy()}, {"step": i, "steps": self.run.steps}, final
+
+    def _record(self, accelerator) -> None:
+        with self._stats_lock:
+            self.recent_stats.append(accelerator.stats())
 
     def stats(self) -> dict:
         """The accelerator's figures averaged over recent trajectories."""
-        recent = list(self.recent_stats)
+        with self._stats_lock:
+            recent = list(self.recent_stats)
         if not recent:
             return {"accel": self.run.accel, "trajectories": 0}
         numbers = {key for stats in recent for key, value in stats.items() if isinstance(value, (int, float))}

@@ -1,12 +1,21 @@
 """The rtdiff server: one ROUTER socket, any number of named models, dynamic batching, deadlines, streams.
 
-A single thread owns the socket and the models. Each turn of the loop reads
+One thread owns the socket and never runs a model; each served model computes
+on a worker thread of its own (runtime/workers.py). Each turn of the loop reads
 every waiting message (validating it completely before a model sees it),
-drops queued work whose deadline has passed, runs the batches that are due,
-and advances the streams that have credit. A batch of `act` requests for one
-model is due when it is full (`max_batch`), when its oldest request has waited
-`max_wait_ms`, or when waiting longer would finish it after the earliest
-deadline in it (judged by the model's recent compute time).
+takes back what the workers finished and sends it, drops queued work whose
+deadline has passed and streams whose lease ran out, and gives each idle
+worker its next job: a batch of `act` requests, or one step of a stream (the
+two alternate when both wait). A batch is due when it is full (`max_batch`),
+when its oldest request has waited `max_wait_ms`, or when waiting longer would
+finish it after the earliest deadline in it (judged by the model's recent
+compute time).
+
+Fairness: each client has its own queue per model, and a batch takes one
+request from each client in turn (round-robin), so a client flooding one model
+fills only its own queue (`max_queue_per_client`) and is refused beyond it
+while everyone else's requests go into the next batch. A client may hold at
+most `max_streams_per_client` open streams.
 
 Every failure is a reply with an error code (runtime/protocol.py); a reply that
 cannot be delivered (client gone, its queue full) is counted, never waited on:
@@ -17,10 +26,11 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import signal
 import threading
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +39,13 @@ import zmq
 
 from rtdiff.runtime.service import check_arrays, check_request, check_service, describe
 from rtdiff.runtime.stats import percentiles
+from rtdiff.runtime.workers import ModelWorker
 from rtdiff_client.protocol import ERRORS, Limits, Message, ProtocolError, decode, error_reply, reply
 
 log = logging.getLogger("rtdiff.server")
 
 DEFAULT_CREDITS, MAX_CREDITS = 4, 64
+READS_PER_TURN = 64
 CLIENTS_CHECK_S = 1.0  # how often the allowed-clients folder is looked at for changes
 DUPLEX_INPUT_CREDITS = 8  # chunks a duplex client may send ahead of what the session has taken
 
@@ -46,7 +58,14 @@ class ServerConfig:
     # the next batch, so batches grow with load and a lone request never waits for company.
     max_wait_ms: float = 0.0
     max_queue: int = 256  # per model; beyond it requests are refused with `overloaded`
+    max_queue_per_client: int = 32  # per model and client
     max_streams: int = 64
+    max_streams_per_client: int = 8
+    # a stream that has no credit left (or a duplex stream waiting for input) and hears nothing from its client
+    # for this long ends with `lease_expired`; its state is freed
+    stream_lease_s: float = 10.0
+    heartbeat_ivl_ms: int = 1000  # ZeroMQ heartbeats: a peer silent for heartbeat_timeout_ms is disconnected
+    heartbeat_timeout_ms: int = 5000
     limits: Limits = field(default_factory=Limits)
     curve_dir: str | None = None  # keys from `rtdiff keys`; None: no encryption
     send_hwm: int = 1000
@@ -70,13 +89,26 @@ class Stream:
     deadline: float | None
     seq: int = 0
     duplex: bool = False
-    inputs: deque = field(default_factory=deque)  # duplex: chunks received, not yet taken by the session
+    arrivals: deque = field(default_factory=deque)  # duplex: chunks received (the loop's)
+    inputs: deque = field(default_factory=deque)  # duplex: chunks handed to the session (the worker's, in a step)
     input_credits: int = 0  # duplex: chunks the client may still send
     ended: bool = False  # duplex: the client sent its last chunk
     waiting: bool = False  # duplex: the session asked for more input than has arrived
+    in_flight: bool = False  # a step is on the model's worker
+    closed: bool = False  # ended by the loop (cancel, deadline, lease) while a step may still be in flight
+    last_heard: float = 0.0  # the last grant, chunk or reply: what the lease counts from
+    last_step: float = 0.0
+    queued_inputs: int = 0  # duplex: chunks handed to the step in flight
 
-    def next_output(self):
-        """The next (arrays, result, final), or None while a duplex session waits for input."""
+    @property
+    def key(self) -> tuple:
+        return (self.envelope[0], self.message.id)
+
+    def ready(self) -> bool:
+        return self.credits > 0 and not self.waiting and not self.in_flight
+
+    def next_output(self, service):
+        """The next (arrays, result, final), or None while a duplex session waits for input (on the worker)."""
         if not self.duplex:
             return next(self.steps)
         return self.steps.step(self.inputs, self.ended)
@@ -114,9 +146,12 @@ class Server:
         self.config = config or ServerConfig()
         self.context = context or zmq.Context.instance()
         self.stats = Stats()
-        self.queues: dict[str, deque[Pending]] = {name: deque() for name in services}
+        # per model, per client (its routing identity), the client's queued `act` requests in arrival order
+        self.queues: dict[str, OrderedDict[bytes, deque[Pending]]] = {name: OrderedDict() for name in services}
+        self.queued: dict[str, int] = {name: 0 for name in services}
         self.compute_ms: dict[str, float] = {name: 0.0 for name in services}  # recent batch time, for deadlines
         self.streams: dict[tuple, Stream] = {}
+        self._prefer_stream: dict[str, bool] = {name: False for name in services}
         self.stop_event = threading.Event()
         self._authenticator = None
         self._clients_dir: Path | None = None
@@ -125,6 +160,12 @@ class Server:
         self._reload_requested = False
         self.socket = self._open_socket()
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = self.context.socket(zmq.PULL)
+        self._wake.setsockopt(zmq.LINGER, 0)
+        self._wake.bind(f"inproc://rtdiff-done-{id(self)}")
+        self.workers = {name: ModelWorker(name, service, self.context, f"inproc://rtdiff-done-{id(self)}", self._done)
+                        for name, service in services.items()}
 
     # -- socket ------------------------------------------------------------------------------------------
 
@@ -133,6 +174,8 @@ class Server:
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an undeliverable reply raises instead of vanishing
         socket.setsockopt(zmq.SNDHWM, self.config.send_hwm)
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.HEARTBEAT_IVL, self.config.heartbeat_ivl_ms)
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.config.heartbeat_timeout_ms)
         socket.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_header_bytes
                           + self.config.limits.max_arrays * self.config.limits.max_array_bytes)
         if self.config.curve_dir:
@@ -177,6 +220,9 @@ class Server:
             self.reload_clients()
 
     def close(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()
+        self._wake.close(linger=0)
         self.socket.close(linger=0)
         if self._authenticator is not None:
             self._authenticator.stop()
@@ -205,17 +251,20 @@ class Server:
             signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_requested", True))
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(self._wake, zmq.POLLIN)
         try:
             while not self.stop_event.is_set():
-                if poller.poll(self._poll_timeout_ms()):
+                events = dict(poller.poll(self._poll_timeout_ms()))
+                if self.socket in events:
                     self._read_all()
+                if self._wake in events:
+                    self._take_done()
                 now = time.monotonic()
                 self._watch_clients(now)
                 self._expire(now)
-                for name in self.queues:
-                    if self._batch_due(name, now):
-                        self._run_batch(name)
-                self._advance_streams()
+                for name, worker in self.workers.items():
+                    if not worker.busy:
+                        self._dispatch(name, now)
         finally:
             self._refuse_remaining()
             self.close()
@@ -224,18 +273,27 @@ class Server:
         self.stop_event.set()
 
     def _poll_timeout_ms(self) -> int:
-        if any(s.credits > 0 and not s.waiting for s in self.streams.values()):
+        if any(s.ready() and not self.workers[s.message.model].busy for s in self.streams.values()):
             return 0
         now = time.monotonic()
-        wake = now + 0.1  # wake now and then even when idle, to notice a stop
-        for name, queue in self.queues.items():
-            if queue:
-                wake = min(wake, self._due_time(name), *(p.deadline for p in queue if p.deadline is not None))
+        wake = now + 0.1  # wake now and then even when idle, to notice a stop and run out leases
+        for name in self.queues:
+            if self.queued[name]:
+                deadlines = [p.deadline for p in self._pending(name) if p.deadline is not None]
+                wake = min(wake, self._due_time(name), *deadlines)
         return max(0, math.ceil((wake - now) * 1e3))
+
+    def _pending(self, name: str):
+        for client_queue in self.queues[name].values():
+            yield from client_queue
 
     def _read_all(self) -> None:
         # EVENTS says whether a message is waiting; cheaper than a non-blocking read that ends in zmq.Again.
-        while self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+        # At most READS_PER_TURN: under a flood the loop must still send replies and give workers their jobs
+        # (ZeroMQ fair-queues the peers, so every client's next message is among the next few reads).
+        for _ in range(READS_PER_TURN):
+            if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+                break
             frames = self.socket.recv_multipart()
             self.stats.counts["received"] += 1
             try:
@@ -253,8 +311,8 @@ class Server:
         except ProtocolError as error:
             self._send_error(envelope, error.code, error.message, error.request_id, error.op)
             return
-        deadline = arrival + message.deadline_ms / 1e3 if message.deadline_ms is not None else None
         try:
+            deadline = _deadline(message, arrival)
             getattr(self, f"_op_{message.op}")(envelope, message, arrival, deadline)
         except ProtocolError as error:
             self._send_error(envelope, error.code, error.message, message.id, message.op)
@@ -282,7 +340,7 @@ class Server:
 
     def _op_stats(self, envelope, message, arrival, deadline) -> None:
         report = self.stats.report()
-        report["models"] = {name: {"queued": len(self.queues[name]), **service.stats()}
+        report["models"] = {name: {"queued": self.queued[name], "busy": self.workers[name].busy, **service.stats()}
                             for name, service in self.services.items()}
         report["streams"] = len(self.streams)
         self._send(envelope, reply("stats", message.id, result=report))
@@ -292,10 +350,15 @@ class Server:
         if "act" not in service.ops:
             raise ProtocolError("unsupported", f"model {message.model!r} does not answer act")
         check_request(service, message)
-        queue = self.queues[message.model]
-        if len(queue) >= self.config.max_queue:
-            raise ProtocolError("overloaded", f"model {message.model!r} has {len(queue)} requests queued")
-        queue.append(Pending(envelope, message, arrival, deadline))
+        name, client = message.model, envelope[0]
+        mine = self.queues[name].get(client)
+        if mine is not None and len(mine) >= self.config.max_queue_per_client:
+            raise ProtocolError("overloaded", f"this client has {len(mine)} requests queued for model {name!r}, the "
+                                              f"most one client may (max_queue_per_client); wait for replies first")
+        if self.queued[name] >= self.config.max_queue:
+            raise ProtocolError("overloaded", f"model {name!r} has {self.queued[name]} requests queued; retry later")
+        self.queues[name].setdefault(client, deque()).append(Pending(envelope, message, arrival, deadline))
+        self.queued[name] += 1
 
     def _op_stream(self, envelope, message, arrival, deadline) -> None:
         key = (envelope[0], message.id)
@@ -303,7 +366,8 @@ class Server:
             self._grant(key, message)
             return
         service, request, credits = self._open(key, message)
-        self.streams[key] = Stream(envelope, request, iter(service.stream(request)), credits, arrival, deadline)
+        self.streams[key] = Stream(envelope, request, iter(service.stream(request)), credits, arrival, deadline,
+                                   last_heard=arrival)
 
     def _op_duplex(self, envelope, message, arrival, deadline) -> None:
         key = (envelope[0], message.id)
@@ -313,7 +377,7 @@ class Server:
         service, request, credits = self._open(key, message)
         session = service.open_duplex(request)
         self.streams[key] = Stream(envelope, request, session, credits, arrival, deadline, duplex=True,
-                                   input_credits=DUPLEX_INPUT_CREDITS)
+                                   input_credits=DUPLEX_INPUT_CREDITS, last_heard=arrival)
         # the client learns its input window from this first reply (no arrays, no seq)
         self._send(envelope, reply("duplex", message.id, result={"opened": True, "input_credits": DUPLEX_INPUT_CREDITS}))
 
@@ -334,11 +398,12 @@ class Server:
                     raise ProtocolError("no_credit", "chunk sent without input credit")
                 check_arrays(self.services[stream.message.model].chunk_inputs, message.arrays)
                 stream.input_credits -= 1
-                stream.inputs.append(message.arrays)
+                stream.arrivals.append(message.arrays)
             stream.ended = end
             stream.waiting = False
+            stream.last_heard = arrival
         except ProtocolError as error:
-            del self.streams[(envelope[0], message.id)]
+            self._close_stream(stream)
             raise ProtocolError(error.code, f"{error.message}; the duplex stream is closed") from None
 
     def _grant(self, key, message: Message) -> None:
@@ -348,6 +413,7 @@ class Server:
         if key in self.streams:
             stream = self.streams[key]
             stream.credits = min(stream.credits + grant, MAX_CREDITS)
+            stream.last_heard = time.monotonic()
         else:  # the stream ended (or was cancelled) while the grant was on its way: documented drop
             self.stats.counts["stale_grants"] += 1
 
@@ -361,10 +427,15 @@ class Server:
         service = self._service(message)
         if message.op not in service.ops:
             raise ProtocolError("unsupported", f"model {message.model!r} does not answer {message.op}")
+        mine = sum(1 for client, _ in self.streams if client == key[0])
+        if mine >= self.config.max_streams_per_client:
+            raise ProtocolError("overloaded", f"this client has {mine} streams open, the most one client may "
+                                              "(max_streams_per_client); end or cancel one first")
         if len(self.streams) >= self.config.max_streams:
-            raise ProtocolError("overloaded", f"{len(self.streams)} streams open")
+            raise ProtocolError("overloaded", f"{len(self.streams)} streams open on the server; retry later")
         request = Message(message.op, message.id, message.model, message.deadline_ms,
-                          {k: v for k, v in message.params.items() if k != "credits"}, message.arrays)
+                          {k: v for k, v in message.params.items() if k != "credits"}, message.arrays,
+                          message.deadline_at)
         check_request(service, request)
         return service, request, credits
 
@@ -373,13 +444,16 @@ class Server:
         if isinstance(target, bool) or not isinstance(target, (int, str)):
             raise ProtocolError("bad_message", "cancel needs params.target, the id (integer or string) to cancel")
         cancelled = False
-        for queue in self.queues.values():
-            for pending in list(queue):
-                if pending.envelope[0] == envelope[0] and pending.message.id == target:
-                    queue.remove(pending)
-                    cancelled = True
-        stream = self.streams.pop((envelope[0], target), None)
-        cancelled = cancelled or stream is not None
+        for name, clients in self.queues.items():
+            mine = clients.get(envelope[0], ())
+            for pending in [p for p in mine if p.message.id == target]:
+                mine.remove(pending)
+                self.queued[name] -= 1
+                cancelled = True
+        stream = self.streams.get((envelope[0], target))
+        if stream is not None:
+            self._close_stream(stream)
+            cancelled = True
         if cancelled:
             self._send_error(envelope, "cancelled", f"request {target!r} cancelled", target)
         self._send(envelope, reply("cancel", message.id, result={"cancelled": cancelled}))
@@ -387,52 +461,110 @@ class Server:
     # -- work --------------------------------------------------------------------------------------------
 
     def _due_time(self, name: str) -> float:
-        queue = self.queues[name]
-        due = queue[0].arrival + self.config.max_wait_ms / 1e3
-        deadlines = [p.deadline for p in list(queue)[: self.config.max_batch] if p.deadline is not None]
+        pending = list(self._pending(name))
+        due = min(p.arrival for p in pending) + self.config.max_wait_ms / 1e3
+        deadlines = [p.deadline for p in pending if p.deadline is not None]
         if deadlines:  # start early enough that the batch finishes before its earliest deadline
             due = min(due, min(deadlines) - self.compute_ms[name] / 1e3)
         return due
 
     def _batch_due(self, name: str, now: float) -> bool:
-        queue = self.queues[name]
-        return bool(queue) and (len(queue) >= self.config.max_batch or now >= self._due_time(name))
+        return bool(self.queued[name]) and (self.queued[name] >= self.config.max_batch or now >= self._due_time(name))
 
     def _expire(self, now: float) -> None:
-        for queue in self.queues.values():
-            for pending in [p for p in queue if p.deadline is not None and p.deadline <= now]:
-                queue.remove(pending)
-                self._send_error(pending.envelope, "deadline_exceeded", "deadline passed while queued",
-                                 pending.message.id, "act")
-        for key, stream in list(self.streams.items()):
+        for name, clients in self.queues.items():
+            for client, mine in list(clients.items()):
+                for pending in [p for p in mine if p.deadline is not None and p.deadline <= now]:
+                    mine.remove(pending)
+                    self.queued[name] -= 1
+                    self._send_error(pending.envelope, "deadline_exceeded", "deadline passed while queued",
+                                     pending.message.id, "act")
+                if not mine:
+                    del clients[client]
+        lease = self.config.stream_lease_s
+        for stream in list(self.streams.values()):
             if stream.deadline is not None and stream.deadline <= now:
-                del self.streams[key]
+                self._close_stream(stream)
                 self._send_error(stream.envelope, "deadline_exceeded", "stream deadline passed", stream.message.id,
                                  stream.message.op)
+            elif not stream.in_flight and (stream.credits <= 0 or stream.waiting) and now - stream.last_heard > lease:
+                self._close_stream(stream)
+                self.stats.counts["leases_expired"] += 1
+                self._send_error(stream.envelope, "lease_expired", f"no grant or chunk for {lease:g} s",
+                                 stream.message.id, stream.message.op)
+
+    def _close_stream(self, stream: Stream) -> None:
+        stream.closed = True
+        self.streams.pop(stream.key, None)
+
+    # -- work: the loop hands jobs to the models' workers and sends what comes back ----------------------------
+
+    def _dispatch(self, name: str, now: float) -> None:
+        """Give an idle model its next job: a due batch or a stream step, alternating when both wait."""
+        batch_due = self._batch_due(name, now)
+        streams = [s for s in self.streams.values() if s.message.model == name and s.ready()]
+        if streams and (not batch_due or self._prefer_stream[name]):
+            stream = min(streams, key=lambda s: s.last_step)  # the one served longest ago
+            self._prefer_stream[name] = False
+            self._step(stream, now)
+        elif batch_due:
+            self._prefer_stream[name] = True
+            self._run_batch(name)
+
+    def _take_batch(self, name: str) -> list[Pending]:
+        """Up to max_batch requests, one from each client in turn, starting after the client served last."""
+        clients, batch = self.queues[name], []
+        while clients and len(batch) < self.config.max_batch:
+            client, mine = next(iter(clients.items()))
+            batch.append(mine.popleft())
+            clients.move_to_end(client)
+            if not mine:
+                del clients[client]
+        self.queued[name] -= len(batch)
+        return batch
 
     def _run_batch(self, name: str) -> None:
-        queue = self.queues[name]
-        batch = [queue.popleft() for _ in range(min(len(queue), self.config.max_batch))]
-        start = time.monotonic()
-        try:
-            outputs = self.services[name].run_batch([p.message for p in batch])
-        except Exception as error:
-            log.exception("model %s failed on a batch of %d", name, len(batch))
+        batch = self._take_batch(name)
+        self.workers[name].submit(batch, lambda service: service.run_batch([p.message for p in batch]))
+
+    def _step(self, stream: Stream, now: float) -> None:
+        stream.in_flight, stream.last_step = True, now
+        stream.inputs.extend(stream.arrivals)  # the worker's own queue for this step; the loop keeps receiving
+        stream.arrivals.clear()
+        stream.queued_inputs = len(stream.inputs)
+        self.workers[stream.message.model].submit(stream, stream.next_output)
+
+    def _take_done(self) -> None:
+        while True:
+            try:
+                self._wake.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        while not self._done.empty():
+            done = self._done.get()
+            self.workers[done.model].busy = False
+            if isinstance(done.job, Stream):
+                self._finish_step(done)
+            else:
+                self._finish_batch(done)
+
+    def _finish_batch(self, done) -> None:
+        batch, name = done.job, done.model
+        if isinstance(done.output, Exception):
             for pending in batch:
-                self._send_error(pending.envelope, "internal", f"model failed: {type(error).__name__}",
+                self._send_error(pending.envelope, "internal", f"model failed: {type(done.output).__name__}",
                                  pending.message.id, "act")
             return
-        end = time.monotonic()
-        compute_ms = (end - start) * 1e3
+        compute_ms = (done.end - done.start) * 1e3
         delivered = []
-        for pending, arrays in zip(batch, outputs):  # replies first: the bookkeeping below is not on their clock
-            if pending.deadline is not None and end > pending.deadline:
+        for pending, arrays in zip(batch, done.output):  # replies first: the bookkeeping below is not on their clock
+            if pending.deadline is not None and done.end > pending.deadline:
                 self._send_error(pending.envelope, "deadline_exceeded",
-                                 f"finished {(end - pending.deadline) * 1e3:.1f} ms after the deadline",
+                                 f"finished {(done.end - pending.deadline) * 1e3:.1f} ms after the deadline",
                                  pending.message.id, "act")
                 continue
-            timing = {"queue_ms": (start - pending.arrival) * 1e3, "compute_ms": compute_ms,
-                      "total_ms": (end - pending.arrival) * 1e3, "batch": len(batch)}
+            timing = {"queue_ms": (done.start - pending.arrival) * 1e3, "compute_ms": compute_ms,
+                      "total_ms": (done.end - pending.arrival) * 1e3, "batch": len(batch)}
             self._send(pending.envelope, reply("act", pending.message.id, arrays, timing=timing))
             delivered.append(timing)
         for timing in delivered:
@@ -442,46 +574,62 @@ class Server:
         self.stats.counts["batches"] += 1
         self.compute_ms[name] = 0.8 * self.compute_ms[name] + 0.2 * compute_ms if self.compute_ms[name] else compute_ms
 
-    def _advance_streams(self) -> None:
-        for key, stream in list(self.streams.items()):
-            if stream.credits <= 0 or stream.waiting:
-                continue
-            op, queued = stream.message.op, len(stream.inputs)
-            start = time.monotonic()
-            try:
-                output = stream.next_output()
-            except Exception as error:
-                del self.streams[key]
-                log.exception("stream %r failed", key)
-                self._send_error(stream.envelope, "internal", f"stream failed: {type(error).__name__}",
-                                 stream.message.id, op)
-                continue
-            taken = queued - len(stream.inputs)
-            if taken:  # input credit back for the chunks the session took
-                stream.input_credits += taken
-                self._send(stream.envelope, reply(op, stream.message.id, result={"input_grant": taken}))
-            if output is None:  # a duplex session waiting for input: not polled again until a chunk arrives
-                stream.waiting = True
-                continue
-            arrays, result, final = output
-            end = time.monotonic()
-            timing = {"compute_ms": (end - start) * 1e3, "total_ms": (end - stream.arrival) * 1e3}
-            stream.credits -= 1
-            self._send(stream.envelope, reply(op, stream.message.id, arrays, result=result, timing=timing,
-                                              seq=stream.seq, final=final))
-            stream.seq += 1
-            if final:
-                del self.streams[key]
-                self.stats.counts["streams_done"] += 1
+    def _finish_step(self, done) -> None:
+        stream, output = done.job, done.output
+        stream.in_flight = False
+        op, message = stream.message.op, stream.message
+        if stream.closed:  # cancelled, expired or failed while the step ran: nothing more goes out
+            return
+        if isinstance(output, Exception):
+            self._close_stream(stream)
+            self._send_error(stream.envelope, "internal", f"stream failed: {type(output).__name__}", message.id, op)
+            return
+        taken = stream.queued_inputs - len(stream.inputs)
+        if taken:  # input credit back for the chunks the session took
+            stream.input_credits += taken
+            self._send(stream.envelope, reply(op, message.id, result={"input_grant": taken}))
+        if output is None:  # a duplex session waiting for input: not stepped again until a chunk arrives
+            stream.waiting = not stream.arrivals
+            return
+        arrays, result, final = output
+        timing = {"compute_ms": (done.end - done.start) * 1e3, "total_ms": (done.end - stream.arrival) * 1e3}
+        stream.credits -= 1
+        stream.last_heard = done.end
+        sent = self._send(stream.envelope, reply(op, message.id, arrays, result=result, timing=timing,
+                                                 seq=stream.seq, final=final))
+        stream.seq += 1
+        if final:
+            self._close_stream(stream)
+            self.stats.counts["streams_done"] += 1
+        elif not sent:  # the client is gone (or not reading at all): free the stream now, not at its lease
+            self._close_stream(stream)
+            self.stats.counts["streams_client_gone"] += 1
 
     def _refuse_remaining(self) -> None:
-        for queue in self.queues.values():
-            while queue:
-                pending = queue.popleft()
+        for name in self.queues:
+            for pending in list(self._pending(name)):
                 self._send_error(pending.envelope, "unavailable", "server shutting down", pending.message.id, "act")
+            self.queues[name].clear()
+            self.queued[name] = 0
         for stream in self.streams.values():
             self._send_error(stream.envelope, "unavailable", "server shutting down", stream.message.id, stream.message.op)
         self.streams.clear()
+
+
+def _deadline(message: Message, arrival: float) -> float | None:
+    """The request's deadline on the server's monotonic clock: `deadline_ms` counts from arrival, `deadline_at` is
+    a wall-clock time (Unix seconds, the client's clock: same host or synchronised clocks); the earlier wins. A
+    request already late when it arrives is refused, never computed."""
+    deadlines = []
+    if message.deadline_ms is not None:
+        deadlines.append(arrival + message.deadline_ms / 1e3)
+    if message.deadline_at is not None:
+        left = message.deadline_at - time.time()
+        if left <= 0:
+            raise ProtocolError("deadline_exceeded", f"the deadline passed {-left * 1e3:.0f} ms before the request "
+                                                     "arrived; it was not computed")
+        deadlines.append(arrival + left)
+    return min(deadlines) if deadlines else None
 
 
 def _credit_count(value) -> bool:

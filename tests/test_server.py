@@ -140,9 +140,9 @@ def test_a_vanished_client_and_a_client_that_never_reads_do_not_stall_others(tin
         silent.connect(server.address)
         vanished.connect(server.address)
         frames = [bytes(f) for f in _act_frames()]
-        for _ in range(200):
+        for _ in range(30):  # each within its per-client queue cap (32)
             silent.send_multipart(frames)
-        for _ in range(50):
+        for _ in range(30):
             vanished.send_multipart(frames)
         vanished.close(linger=2000)  # returns once its requests are on the wire
         with Client(server.address, model="tiny") as client:
@@ -151,12 +151,12 @@ def test_a_vanished_client_and_a_client_that_never_reads_do_not_stall_others(tin
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:  # until the server has answered everyone's requests
                 stats = client.stats()
-                if stats["models"]["tiny"]["queued"] == 0 and stats["counts"].get("replies_ok", 0) >= 205:
+                if stats["models"]["tiny"]["queued"] == 0 and stats["counts"].get("replies_ok", 0) >= 35:
                     break
                 time.sleep(0.05)
         silent.close(linger=0)
     assert stats["models"]["tiny"]["queued"] == 0
-    assert stats["counts"]["replies_unroutable"] == 50  # counted, not silently lost
+    assert stats["counts"]["replies_unroutable"] == 30  # counted, not silently lost
 
 
 def _act_frames(model="tiny", request_id=1):

@@ -10,6 +10,7 @@ a header can only ever become plain maps, lists, strings and numbers.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import msgpack
@@ -33,6 +34,7 @@ ERRORS = {
     "overloaded": "the model's queue is full; retry later",
     "no_credit": "a duplex stream's input chunk arrived without input credit (the stream ends)",
     "deadline_exceeded": "the result could not be produced before the request's deadline",
+    "lease_expired": "a stream heard no grant (or a duplex stream no chunk) from its client within the lease",
     "cancelled": "the request was cancelled by its client",
     "unavailable": "the server is shutting down",
     "internal": "the server failed while handling a valid request",
@@ -63,6 +65,7 @@ class Message:
     deadline_ms: float | None = None  # relative: from when the server reads the request
     params: dict = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    deadline_at: float | None = None  # absolute: Unix time in seconds on the client's clock
 
 
 def encode(header: dict, arrays: dict[str, np.ndarray] | None = None) -> list:
@@ -80,7 +83,10 @@ def request(op: str, request_id, model: str | None = None, arrays: dict | None =
     if model is not None:
         header["model"] = model
     if deadline_ms is not None:
+        # both: deadline_ms for the time on the server, deadline_at so that a request that waited out a server
+        # restart in a queue is refused as late instead of computed (the clocks must agree: same host or NTP)
         header["deadline_ms"] = deadline_ms
+        header["deadline_at"] = time.time() + deadline_ms / 1e3
     return encode(header, arrays)
 
 
@@ -132,6 +138,11 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
     if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
                                  or not math.isfinite(deadline) or deadline <= 0):
         raise ProtocolError("bad_message", "deadline_ms must be a positive finite number", request_id, op)
+    deadline_at = header.get("deadline_at")
+    if deadline_at is not None and (isinstance(deadline_at, bool) or not isinstance(deadline_at, (int, float))
+                                    or not math.isfinite(deadline_at) or deadline_at <= 0):
+        raise ProtocolError("bad_message", "deadline_at must be a positive finite number (Unix seconds)",
+                            request_id, op)
     params = header.get("params", {})
     if not isinstance(params, dict):
         raise ProtocolError("bad_message", "params must be a map", request_id, op)
@@ -146,7 +157,8 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
             raise ProtocolError("bad_array", f"array {name!r}: {dtype}{list(shape)} needs {expected} bytes, frame has "
                                              f"{len(frame)}", request_id, op)
         arrays[name] = np.frombuffer(frame, dtype=_WIRE_DTYPES[dtype]).reshape(shape)
-    return Message(op=op, id=request_id, model=model, deadline_ms=deadline, params=params, arrays=arrays)
+    return Message(op=op, id=request_id, model=model, deadline_ms=deadline, params=params, arrays=arrays,
+                   deadline_at=deadline_at)
 
 
 def decode_reply(frames: list, limits: Limits = Limits()) -> tuple[dict, dict[str, np.ndarray]]:
