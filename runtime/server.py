@@ -40,7 +40,7 @@ import zmq
 from rtdiff.runtime.service import check_arrays, check_request, check_service, describe
 from rtdiff.runtime.stats import percentiles
 from rtdiff.runtime.workers import ModelWorker
-from rtdiff_client.protocol import ERRORS, Limits, Message, ProtocolError, decode, error_reply, reply
+from rtdiff_client.protocol import ERRORS, Limits, Message, ProtocolError, _request_id, decode, error_reply, reply
 
 log = logging.getLogger("rtdiff.server")
 
@@ -117,8 +117,11 @@ class Stream:
 class Stats:
     """Counts and latency windows (the last `window` requests), all bounded."""
 
+    COUNTS = ("received", "replies_ok", "batches", "replies_unroutable", "replies_dropped_full", "stale_grants",
+              "streams_done", "streams_client_gone", "leases_expired")
+
     def __init__(self, window: int = 10_000):
-        self.counts: dict[str, int] = defaultdict(int)
+        self.counts: dict[str, int] = defaultdict(int, {key: 0 for key in self.COUNTS})  # zeros are reported too
         self.errors: dict[str, int] = defaultdict(int)
         self.latency = {key: deque(maxlen=window) for key in ("queue_ms", "compute_ms", "total_ms")}
         self.batch_sizes: deque[int] = deque(maxlen=window)
@@ -176,8 +179,8 @@ class Server:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.HEARTBEAT_IVL, self.config.heartbeat_ivl_ms)
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.config.heartbeat_timeout_ms)
-        socket.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_header_bytes
-                          + self.config.limits.max_arrays * self.config.limits.max_array_bytes)
+        # ZeroMQ drops a bigger message and closes its connection; below it, decode answers `too_large`
+        socket.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_header_bytes + self.config.limits.max_message_bytes)
         if self.config.curve_dir:
             self._enable_curve(socket, Path(self.config.curve_dir))
         socket.bind(self.config.bind)
@@ -345,7 +348,15 @@ class Server:
         report["streams"] = len(self.streams)
         self._send(envelope, reply("stats", message.id, result=report))
 
+    def _in_flight(self, client: bytes, request_id) -> bool:
+        """Whether this client has a request or stream with this id queued or open (ids are unique in flight)."""
+        if (client, request_id) in self.streams:
+            return True
+        return any(p.message.id == request_id for clients in self.queues.values() for p in clients.get(client, ()))
+
     def _op_act(self, envelope, message, arrival, deadline) -> None:
+        if self._in_flight(envelope[0], message.id):
+            raise ProtocolError("bad_message", f"id {message.id!r} is already in flight for this client")
         service = self._service(message)
         if "act" not in service.ops:
             raise ProtocolError("unsupported", f"model {message.model!r} does not answer act")
@@ -407,9 +418,14 @@ class Server:
             raise ProtocolError(error.code, f"{error.message}; the duplex stream is closed") from None
 
     def _grant(self, key, message: Message) -> None:
+        """More credit for an open stream. A grant gets no reply; a malformed one ends the stream with its error."""
         grant = message.params["grant"]
         if message.arrays or set(message.params) != {"grant"} or not _credit_count(grant):
-            raise ProtocolError("bad_message", f"a grant carries only params.grant, an integer in [1, {MAX_CREDITS}]")
+            stream = self.streams.get(key)
+            if stream is not None:
+                self._close_stream(stream)
+            raise ProtocolError("bad_message", f"a grant carries only params.grant, an integer in [1, {MAX_CREDITS}]"
+                                               f"{'; the stream is closed' if stream is not None else ''}")
         if key in self.streams:
             stream = self.streams[key]
             stream.credits = min(stream.credits + grant, MAX_CREDITS)
@@ -422,8 +438,8 @@ class Server:
         credits = message.params.get("credits", DEFAULT_CREDITS)
         if not _credit_count(credits):
             raise ProtocolError("bad_message", f"credits must be an integer in [1, {MAX_CREDITS}]")
-        if key in self.streams:
-            raise ProtocolError("bad_message", f"stream {message.id!r} is already open")
+        if self._in_flight(*key):
+            raise ProtocolError("bad_message", f"id {message.id!r} is already in flight for this client")
         service = self._service(message)
         if message.op not in service.ops:
             raise ProtocolError("unsupported", f"model {message.model!r} does not answer {message.op}")
@@ -441,8 +457,11 @@ class Server:
 
     def _op_cancel(self, envelope, message, arrival, deadline) -> None:
         target = message.params.get("target")
-        if isinstance(target, bool) or not isinstance(target, (int, str)):
-            raise ProtocolError("bad_message", "cancel needs params.target, the id (integer or string) to cancel")
+        try:
+            _request_id(target, self.config.limits)
+        except ProtocolError:
+            raise ProtocolError("bad_message", "cancel needs params.target, a request id (an integer in [0, 2^64) "
+                                               "or a string of at most 64 characters)") from None
         cancelled = False
         for name, clients in self.queues.items():
             mine = clients.get(envelope[0], ())

@@ -171,3 +171,19 @@ def test_a_service_without_the_contract_is_refused_at_start():
 
     with pytest.raises(TypeError, match="service contract"):
         Server({"bare": Bare()}, ServerConfig(bind="tcp://127.0.0.1:0"))
+
+
+def test_ids_in_flight_are_unique_and_bad_grants_or_cancels_are_refused(address):
+    x, ids = np.ones((2, 3), np.float32), np.arange(2)
+    with Client(address, retries=0) as client:
+        first = client.submit("duplex", {"ref": np.zeros(4, np.float32)}, model="pairs", request_id="s")
+        assert client.result(first).result["opened"]
+        with pytest.raises(ServerError, match="bad_message: id 's' is already in flight"):
+            client.call("act", {"x": x, "ids": ids}, model="scale", request_id="s", scale=1.0)
+        with pytest.raises(ServerError, match="bad_message: a grant carries only"):  # and it ends the stream
+            client.call("duplex", model="pairs", request_id="s", grant=0)
+        assert client.stats()["streams"] == 0
+        with pytest.raises(ServerError, match="bad_message: cancel needs params.target"):
+            client.call("cancel", target=-1)
+        counts = client.stats()["counts"]
+    assert counts["leases_expired"] == 0 and counts["stale_grants"] == 0  # zero counts are reported

@@ -61,11 +61,11 @@ def flood(address: str, stop: threading.Event, sent: list) -> None:
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.connect(address)
-    frames = request("act", 1, "scale", {"x": X, "ids": IDS}, scale=1.0)
     count = 0
     while not stop.is_set():
-        try:
-            socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        try:  # a new id each time: a repeated id in flight is refused as such (bad_message), not queued
+            socket.send_multipart(request("act", count, "scale", {"x": X, "ids": IDS}, scale=1.0), flags=zmq.NOBLOCK,
+                                  copy=False)
             count += 1
         except zmq.Again:
             pass

@@ -112,3 +112,28 @@ def test_random_headers_are_refused_or_decoded_never_crash(fields, payload):
         decode(frames)
     except ProtocolError as error:
         assert error.code in ERRORS
+
+
+def test_fields_of_the_wrong_type_and_look_alike_versions_are_refused_as_such():
+    import datetime
+
+    timestamp = msgpack.packb({"v": 1, "op": "info", "id": 1,
+                               "params": {"at": datetime.datetime.now(datetime.timezone.utc)}}, datetime=True)
+    assert code_of([timestamp]) == "bad_message"  # a Timestamp extension inside the header
+    assert code_of([header(v=True), OBS.tobytes()]) == "unsupported_version"
+    assert code_of([header(v=1.0), OBS.tobytes()]) == "unsupported_version"
+    assert code_of([header(op=3), OBS.tobytes()]) == "bad_message"
+    assert code_of([header(op="fly"), OBS.tobytes()]) == "unknown_op"
+    assert code_of([header(model=5), OBS.tobytes()]) == "bad_message"
+    assert code_of([header(arrays=[{"name": "obs", "dtype": 7, "shape": [2, 5]}]), OBS.tobytes()]) == "bad_message"
+    assert code_of([header(arrays=[{"name": "obs", "dtype": "float32", "shape": "2x5"}]), OBS.tobytes()]) == \
+        "bad_message"
+    assert code_of([header(deadline_at="soon"), OBS.tobytes()]) == "bad_message"
+    assert code_of([header(op="info"), OBS.tobytes()]) == "bad_message"  # info, cancel, stats carry no arrays
+
+
+def test_the_message_size_limit_counts_all_its_arrays_together():
+    limits = Limits(max_array_bytes=64, max_message_bytes=60)
+    two = [{"name": n, "dtype": "float32", "shape": [2, 5]} for n in ("a", "b")]
+    assert code_of([header(arrays=two), OBS.tobytes(), OBS.tobytes()], limits) == "too_large"  # 40 bytes, twice
+    assert decode([header(arrays=two[:1]), OBS.tobytes()], limits).arrays["a"].shape == (2, 5)

@@ -18,6 +18,7 @@ import numpy as np
 
 VERSION = 1
 OPS = ("info", "act", "stream", "duplex", "chunk", "cancel", "stats")
+ARRAYLESS_OPS = ("info", "cancel", "stats")
 DTYPES = ("float32", "float16", "int32", "int64", "uint8")
 # Built once: looking these up beats numpy's dtype constructors and `dtype.name` on the per-message path.
 _WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
@@ -55,6 +56,7 @@ class Limits:
     max_array_bytes: int = 16 * 1024 * 1024
     max_dims: int = 8
     max_id_chars: int = 64
+    max_message_bytes: int = 32 * 1024 * 1024  # all of a message's arrays together
 
 
 @dataclass
@@ -115,6 +117,8 @@ def unpack_header(frame: bytes, limits: Limits) -> dict:
         raise ProtocolError("bad_message", f"header is not valid msgpack ({type(error).__name__})") from None
     if not isinstance(header, dict):
         raise ProtocolError("bad_message", "header must be a msgpack map")
+    if not _plain(header):
+        raise ProtocolError("bad_message", "header holds a msgpack extension type (a Timestamp?); none are allowed")
     return header
 
 
@@ -126,9 +130,11 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
     request_id = _request_id(header.get("id"), limits)
     op = header.get("op")
     version = header.get("v")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:  # true and 1.0 equal 1 in Python; they are not versions
         raise ProtocolError("unsupported_version", f"protocol version {version!r}; this server speaks {VERSION}",
                             request_id, op if isinstance(op, str) else None)
+    if not isinstance(op, str):
+        raise ProtocolError("bad_message", f"op must be a string, got {type(op).__name__}", request_id)
     if op not in OPS:
         raise ProtocolError("unknown_op", f"op {op!r}; expected one of {', '.join(OPS)}", request_id)
     model = header.get("model")
@@ -147,6 +153,12 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
     if not isinstance(params, dict):
         raise ProtocolError("bad_message", "params must be a map", request_id, op)
     descriptors = _descriptors(header.get("arrays", []), limits, request_id, op)
+    if descriptors and op in ARRAYLESS_OPS:
+        raise ProtocolError("bad_message", f"{op} carries no arrays", request_id, op)
+    total = sum(math.prod(shape) * _WIRE_DTYPES[dtype].itemsize for _, dtype, shape in descriptors)
+    if total > limits.max_message_bytes:
+        raise ProtocolError("too_large", f"arrays of {total} bytes in one message, limit {limits.max_message_bytes}",
+                            request_id, op)
     if len(frames) - 1 != len(descriptors):
         raise ProtocolError("bad_message", f"header describes {len(descriptors)} arrays but {len(frames) - 1} frames "
                                            "follow it", request_id, op)
@@ -186,6 +198,16 @@ def _refuse_ext(code, data):
     raise ValueError("msgpack extension types are not allowed")
 
 
+def _plain(value, depth: int = 0) -> bool:
+    """Only maps, lists, strings, numbers, booleans and nil: msgpack's Timestamp extension decodes to an object of
+    its own without passing the extension hook, so it is looked for here."""
+    if isinstance(value, dict):
+        return depth < 32 and all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return depth < 32 and all(_plain(v, depth + 1) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
 def _request_id(value, limits: Limits):
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ProtocolError("bad_message", "id must be an integer or a string")
@@ -209,6 +231,9 @@ def _descriptors(value, limits: Limits, request_id, op) -> list[tuple[str, str, 
         name, dtype, shape = item["name"], item["dtype"], item["shape"]
         if not isinstance(name, str) or not name or len(name) > 64 or name in names:
             raise ProtocolError("bad_message", f"array name {name!r} is empty, too long or repeated", request_id, op)
+        if not isinstance(dtype, str) or not isinstance(shape, list):
+            raise ProtocolError("bad_message", f"array {name!r}: dtype must be a string and shape a list",
+                                request_id, op)
         if dtype not in DTYPES:
             raise ProtocolError("bad_array", f"array {name!r}: dtype {dtype!r} not allowed; allowed: "
                                              f"{', '.join(DTYPES)}", request_id, op)
