@@ -64,8 +64,11 @@ class ServerConfig:
     # a stream that has no credit left (or a duplex stream waiting for input) and hears nothing from its client
     # for this long ends with `lease_expired`; its state is freed
     stream_lease_s: float = 10.0
-    heartbeat_ivl_ms: int = 1000  # ZeroMQ heartbeats: a peer silent for heartbeat_timeout_ms is disconnected
-    heartbeat_timeout_ms: int = 5000
+    # ZeroMQ heartbeats (0: off). Off by default: libzmq 4.3 aborts the whole process ("Assertion failed:
+    # !_io_error", libzmq issues 3937 and 4767) when a heartbeat times out a peer whose queue is full, which a
+    # flood produces within seconds here. Vanished clients are found by leases and undeliverable replies instead.
+    heartbeat_ivl_ms: int = 0
+    heartbeat_timeout_ms: int = 0
     limits: Limits = field(default_factory=Limits)
     curve_dir: str | None = None  # keys from `rtdiff keys`; None: no encryption
     send_hwm: int = 1000
@@ -177,8 +180,9 @@ class Server:
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an undeliverable reply raises instead of vanishing
         socket.setsockopt(zmq.SNDHWM, self.config.send_hwm)
         socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.HEARTBEAT_IVL, self.config.heartbeat_ivl_ms)
-        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.config.heartbeat_timeout_ms)
+        if self.config.heartbeat_ivl_ms:
+            socket.setsockopt(zmq.HEARTBEAT_IVL, self.config.heartbeat_ivl_ms)
+            socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.config.heartbeat_timeout_ms)
         # ZeroMQ drops a bigger message and closes its connection; below it, decode answers `too_large`
         socket.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_header_bytes + self.config.limits.max_message_bytes)
         if self.config.curve_dir:
