@@ -43,7 +43,7 @@ def free_address() -> str:
 def serving(*models: str):
     address = free_address()
     command = [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--bind", address, "--threads", "1",
-               *(f"--model={m}" for m in models)]
+               "--model-threads", *(f"--model={m}" for m in models)]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()

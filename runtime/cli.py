@@ -71,7 +71,8 @@ def cmd_serve(args) -> None:
         run = RunConfig(checkpoint, args.solver, args.steps, accel=args.accel, accel_options=options,
                         backend=args.backend, batch_sizes=batch_sizes, threads=args.threads)
         services[name] = make_service(run)
-    config = ServerConfig(bind=args.bind, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, curve_dir=args.curve)
+    config = ServerConfig(bind=args.bind, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, curve_dir=args.curve,
+                          model_threads=args.model_threads)
     server = Server(services, config)
     settings = "; ".join(f"{n}={s.run.checkpoint} {s.run.solver} {s.run.steps}" if hasattr(s, "run") else f"{n}=null"
                          for n, s in services.items())
@@ -144,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long a request may wait for others to batch with (0: none; load makes batches)")
     serve.add_argument("--threads", type=int, default=2)
     serve.add_argument("--curve", metavar="KEYDIR", help="encrypt and authenticate with the keys `rtdiff keys` made")
+    serve.add_argument("--model-threads", action="store_true",
+                       help="compute each model on a thread of its own, so a slow model cannot hold up another or the "
+                            "socket (off by default: measured, it lengthens a lone policy's latency tail)")
     serve.set_defaults(run=cmd_serve)
 
     keys = commands.add_parser("keys", help="make CURVE certificates for the server and one client")

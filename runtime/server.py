@@ -1,7 +1,9 @@
 """The rtdiff server: one ROUTER socket, any number of named models, dynamic batching, deadlines, streams.
 
-One thread owns the socket and never runs a model; each served model computes
-on a worker thread of its own (runtime/workers.py). Each turn of the loop reads
+One thread owns the socket. With `model_threads`, it never runs a model: each
+served model computes on a worker thread of its own; without (the default,
+until the thread's longer latency tail is understood: runtime/workers.py),
+the same jobs run inline on the loop. Each turn of the loop reads
 every waiting message (validating it completely before a model sees it),
 takes back what the workers finished and sends it, drops queued work whose
 deadline has passed and streams whose lease ran out, and gives each idle
@@ -69,6 +71,8 @@ class ServerConfig:
     # flood produces within seconds here. Vanished clients are found by leases and undeliverable replies instead.
     heartbeat_ivl_ms: int = 0
     heartbeat_timeout_ms: int = 0
+    # each model computes on a thread of its own (the loop stays free) or inline on the loop (runtime/workers.py)
+    model_threads: bool = False
     limits: Limits = field(default_factory=Limits)
     curve_dir: str | None = None  # keys from `rtdiff keys`; None: no encryption
     send_hwm: int = 1000
@@ -170,7 +174,8 @@ class Server:
         self._wake = self.context.socket(zmq.PULL)
         self._wake.setsockopt(zmq.LINGER, 0)
         self._wake.bind(f"inproc://rtdiff-done-{id(self)}")
-        self.workers = {name: ModelWorker(name, service, self.context, f"inproc://rtdiff-done-{id(self)}", self._done)
+        self.workers = {name: ModelWorker(name, service, self.context, f"inproc://rtdiff-done-{id(self)}", self._done,
+                                          threaded=self.config.model_threads)
                         for name, service in services.items()}
 
     # -- socket ------------------------------------------------------------------------------------------
@@ -287,7 +292,9 @@ class Server:
         for name in self.queues:
             if self.queued[name]:
                 deadlines = [p.deadline for p in self._pending(name) if p.deadline is not None]
-                wake = min(wake, self._due_time(name), *deadlines)
+                # a busy model's next batch waits for its worker, whose result wakes the poll: no spinning meanwhile
+                due = self._due_time(name) if not self.workers[name].busy else wake
+                wake = min(wake, due, *deadlines)
         return max(0, math.ceil((wake - now) * 1e3))
 
     def _pending(self, name: str):

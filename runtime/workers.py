@@ -1,11 +1,19 @@
-"""One compute thread per served model, so the loop that owns the socket never runs a model.
+"""A served model's compute: on a thread of its own, or inline on the server's loop.
 
-The server's loop hands a worker one job at a time (a batch of `act` requests,
-or one step of a stream) and goes on reading the socket: `info`, `stats`,
-`cancel` and other models' requests are answered while a model computes. A
-finished job goes back through a queue the loop drains, with one byte on an
-inproc socket to wake the loop's poll. A model's worker is its only thread,
-so the model and its hooks are never entered by two threads at once.
+Threaded, the server's loop hands a worker one job at a time (a batch of `act`
+requests, or one step of a stream) and goes on reading the socket: `info`,
+`stats`, `cancel` and other models' requests are answered while a model
+computes, and a slow model cannot hold up a fast one. A finished job goes back
+through a queue the loop drains, with one byte on an inproc socket to wake the
+loop's poll. A model's worker is its only thread, so the model and its hooks
+are never entered by two threads at once.
+
+Inline (the default for now), the job runs on the loop's thread when it is
+handed over and its result goes back the same way. Measured on the 2-core
+machine (benchmarks/RESULTS.md, Serving): a real-time PushT sim against a
+threaded worker had 5 to 8 stalls in 10 episodes and a client p99 of 248 to
+324 ms, inline 0 stalls and 166 ms; why the thread's compute has the longer
+tail is not found yet, so threads are opt-in (`rtdiff serve --model-threads`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import torch
 import zmq
 
 log = logging.getLogger("rtdiff.server")
@@ -31,37 +40,55 @@ class Done:
 
 
 class ModelWorker:
-    def __init__(self, name: str, service, context: zmq.Context, wake_address: str, done: queue.SimpleQueue):
-        self.name, self.service = name, service
+    def __init__(self, name: str, service, context: zmq.Context, wake_address: str, done: queue.SimpleQueue,
+                 threaded: bool = True):
+        self.name, self.service, self.threaded = name, service, threaded
         self.busy = False  # owned by the loop: a job is in flight
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done, self._context, self._wake_address = done, context, wake_address
+        if not threaded:
+            self._wake = context.socket(zmq.PUSH)
+            self._wake.setsockopt(zmq.LINGER, 0)
+            self._wake.connect(wake_address)
+            return
+        # torch's intra-op thread count is per thread under OpenMP: a new thread would compute with one per core
+        # (measured: a PushT sim's stalls went from 1 to 94 in 10 episodes), so it takes the server's setting
+        self._torch_threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name=f"rtdiff-model-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, job, run) -> None:
         """Run `run(service)` for `job` on this model's thread; the loop hears of it through `done`."""
         self.busy = True
-        self._jobs.put((job, run))
+        if self.threaded:
+            self._jobs.put((job, run))
+        else:
+            self._execute(job, run, self._wake)
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout)
+        if self.threaded:
+            self._jobs.put(None)
+            self._thread.join(timeout)
+        else:
+            self._wake.close()
+
+    def _execute(self, job, run, wake: zmq.Socket) -> None:
+        start = time.monotonic()
+        try:
+            output = run(self.service)
+        except Exception as error:  # reported to the client by the loop; the worker lives on
+            log.exception("model %s failed", self.name)
+            output = error
+        self._done.put(Done(self.name, job, output, start, time.monotonic()))
+        wake.send(b"")
 
     def _run(self) -> None:
+        torch.set_num_threads(self._torch_threads)
         wake = self._context.socket(zmq.PUSH)
         wake.setsockopt(zmq.LINGER, 0)
         wake.connect(self._wake_address)
         try:
             while (item := self._jobs.get()) is not None:
-                job, run = item
-                start = time.monotonic()
-                try:
-                    output = run(self.service)
-                except Exception as error:  # reported to the client by the loop; the worker lives on
-                    log.exception("model %s failed", self.name)
-                    output = error
-                self._done.put(Done(self.name, job, output, start, time.monotonic()))
-                wake.send(b"")
+                self._execute(*item, wake)
         finally:
             wake.close()

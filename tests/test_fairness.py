@@ -140,7 +140,7 @@ def test_a_vanished_client_s_streams_are_freed():
 
 
 def test_a_slow_model_does_not_hold_up_a_fast_one_or_the_loop():
-    with Serving({"slow": Ticker(step_s=0.3, steps=3), "scale": Scale()}) as server:
+    with Serving({"slow": Ticker(step_s=0.3, steps=3), "scale": Scale()}, model_threads=True) as server:
         with Client(server.address, timeout_ms=5000, retries=0) as client:
             stream = client.submit("stream", {"x": np.zeros(1, np.float32)}, model="slow", credits=3)
             arrivals = []
