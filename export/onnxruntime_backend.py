@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtdiff.export.exported import ExportedDenoiser, ExportError
+from rtdiff.export.exported import ExportedDenoiser
 
 
 def session_options(threads: int = 1):

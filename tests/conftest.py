@@ -1,5 +1,7 @@
 """Tiny untrained policies shared by the tests: fast to build, small enough to run anywhere."""
 
+import threading
+
 import pytest
 import torch
 
@@ -41,3 +43,22 @@ def tiny_checkpoint(tmp_path_factory):
     policy.obs_normalizer.fit(torch.rand(100, 2, 5) * 500)
     policy.action_normalizer.fit(torch.rand(100, 8, 2) * 500)
     return save_policy(policy, tmp_path_factory.mktemp("tiny") / "policy")
+
+
+class ServerThread:
+    """A server for `services` on a thread, on a free loopback port; stopped and joined on exit."""
+
+    def __init__(self, services: dict, **config):
+        from rtdiff.runtime.server import Server, ServerConfig
+
+        self.server = Server(services, ServerConfig(bind="tcp://127.0.0.1:0", **config))
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self.server
+
+    def __exit__(self, *exc):
+        self.server.stop()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()

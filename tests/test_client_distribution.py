@@ -1,7 +1,6 @@
 """The torch-free client: a fresh virtual environment with only ./client installed gets actions from a server."""
 
 import subprocess
-import sys
 import venv
 from pathlib import Path
 

@@ -1,18 +1,16 @@
 """Serving under abuse, bounded in time: a flood against a 10 Hz client, stream hoarding, vanished clients,
 a slow model beside a fast one, requests already late on arrival. Fake services only."""
 
-import threading
 import time
 
 import msgpack
 import numpy as np
 import pytest
-import zmq
 
-from rtdiff.runtime.server import Server, ServerConfig
 from rtdiff.runtime.service import ArraySpec
 from rtdiff_client import Client, ServerError
 from rtdiff_client.protocol import request
+from tests.conftest import ServerThread
 from tests.test_contract import Scale
 
 
@@ -38,20 +36,6 @@ class Ticker:
         for k in range(self.steps):
             time.sleep(self.step_s)
             yield {"k": np.array([k], np.float32)}, {}, k == self.steps - 1
-
-
-class Serving:
-    def __init__(self, services, **config):
-        self.server = Server(services, ServerConfig(bind="tcp://127.0.0.1:0", **config))
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self.server
-
-    def __exit__(self, *exc):
-        self.server.stop()
-        self.thread.join(timeout=10)
 
 
 X, IDS = np.ones((1, 3), np.float32), np.zeros(1, np.int64)
@@ -84,7 +68,7 @@ def test_a_flood_does_not_starve_a_client_at_10_hz():
     import subprocess
     import sys
 
-    with Serving({"scale": Scale()}) as server:
+    with ServerThread({"scale": Scale()}) as server:
         flooders = [subprocess.Popen([sys.executable, "-c", FLOOD, server.address, "5"], stdout=subprocess.PIPE,
                                      text=True) for _ in range(3)]
         time.sleep(0.5)
@@ -110,7 +94,7 @@ def open_streams(client, model, count, credits=1):
 
 
 def test_a_hoarder_cannot_keep_others_from_streaming_and_its_streams_are_freed_at_the_lease():
-    with Serving({"tick": Ticker()}, stream_lease_s=0.5, max_streams_per_client=4) as server:
+    with ServerThread({"tick": Ticker()}, stream_lease_s=0.5, max_streams_per_client=4) as server:
         with Client(server.address, model="tick", timeout_ms=5000, retries=0) as hoarder, \
                 Client(server.address, model="tick", timeout_ms=5000, retries=0) as other:
             hoarded = open_streams(hoarder, "tick", 4)  # credits 1 each, never granted
@@ -127,7 +111,7 @@ def test_a_hoarder_cannot_keep_others_from_streaming_and_its_streams_are_freed_a
 
 
 def test_a_vanished_client_s_streams_are_freed():
-    with Serving({"tick": Ticker()}, stream_lease_s=0.5) as server:
+    with ServerThread({"tick": Ticker()}, stream_lease_s=0.5) as server:
         gone = Client(server.address, model="tick", timeout_ms=5000, retries=0)
         for request_id in open_streams(gone, "tick", 3, credits=2):
             gone.result(request_id)
@@ -140,7 +124,7 @@ def test_a_vanished_client_s_streams_are_freed():
 
 
 def test_a_slow_model_does_not_hold_up_a_fast_one_or_the_loop():
-    with Serving({"slow": Ticker(step_s=0.3, steps=3), "scale": Scale()}, model_threads=True) as server:
+    with ServerThread({"slow": Ticker(step_s=0.3, steps=3), "scale": Scale()}, model_threads=True) as server:
         with Client(server.address, timeout_ms=5000, retries=0) as client:
             stream = client.submit("stream", {"x": np.zeros(1, np.float32)}, model="slow", credits=3)
             arrivals = []
@@ -158,7 +142,7 @@ def test_a_slow_model_does_not_hold_up_a_fast_one_or_the_loop():
 
 def test_a_request_late_on_arrival_is_refused_and_never_computed():
     scale = Scale()
-    with Serving({"scale": scale}) as server:
+    with ServerThread({"scale": scale}) as server:
         with Client(server.address, model="scale", timeout_ms=5000, retries=0) as client:
             socket = client.socket
             header_frames = request("act", "stale", "scale", {"x": X, "ids": IDS}, scale=1.0)

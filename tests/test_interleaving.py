@@ -7,7 +7,7 @@ with themselves alone only to float rounding (batched matrix products sum in ano
 comparison runs with batches of one, and batching is held to the rounding tolerance separately.
 """
 
-import threading
+import contextlib
 
 import numpy as np
 import pytest
@@ -17,8 +17,8 @@ from rtdiff.policies.service import PolicyService
 from rtdiff.runtime.accel import ACCELERATORS
 from rtdiff_client.client import Client
 from rtdiff.runtime.run import RunConfig
-from rtdiff.runtime.server import Server, ServerConfig
 from rtdiff.sims.tasks import TASKS
+from tests.conftest import ServerThread
 
 STEPS = 10
 
@@ -33,18 +33,10 @@ def scheduled_checkpoint(tiny_checkpoint):
     return tiny_checkpoint
 
 
-class Serving:
-    def __init__(self, run: RunConfig, max_batch: int):
-        self.server = Server({"m": PolicyService(run)}, ServerConfig(bind="tcp://127.0.0.1:0", max_batch=max_batch))
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self.server.address
-
-    def __exit__(self, *exc):
-        self.server.stop()
-        self.thread.join(timeout=10)
+@contextlib.contextmanager
+def serving(run: RunConfig, max_batch: int):
+    with ServerThread({"m": PolicyService(run)}, max_batch=max_batch) as server:
+        yield server.address
 
 
 def observation(seed):
@@ -80,7 +72,7 @@ def test_interleaved_streams_and_requests_match_each_alone(accel, backend, sched
                                                            monkeypatch):
     monkeypatch.setenv("RTDIFF_CACHE", str(tmp_path / "cache"))
     run = RunConfig(str(scheduled_checkpoint), "ddim", STEPS, accel=accel, backend=backend)
-    with Serving(run, max_batch=1) as address, Client(address, model="m") as client:
+    with serving(run, max_batch=1) as address, Client(address, model="m") as client:
         alone = {seed: stream_alone(client, seed) for seed in (1, 2, 3)}
         alone_acts = {seed: client.act(observation(seed)["obs"], seed=seed).arrays["actions"] for seed in (7, 8)}
         steps, acts = interleaved(client, (1, 2, 3), (7, 8))
@@ -94,7 +86,7 @@ def test_interleaved_streams_and_requests_match_each_alone(accel, backend, sched
 
 def test_a_stream_ends_with_what_act_answers(scheduled_checkpoint):
     run = RunConfig(str(scheduled_checkpoint), "ddpm", STEPS, accel="uniform")
-    with Serving(run, max_batch=1) as address, Client(address, model="m") as client:
+    with serving(run, max_batch=1) as address, Client(address, model="m") as client:
         final = stream_alone(client, 5)[-1]
         act = client.act(observation(5)["obs"], seed=5).arrays["actions"]
     assert np.array_equal(final, act)
@@ -103,7 +95,7 @@ def test_a_stream_ends_with_what_act_answers(scheduled_checkpoint):
 @pytest.mark.parametrize("solver", ["ddim", "ddpm"])
 def test_batched_requests_agree_with_each_alone_to_rounding(solver, scheduled_checkpoint):
     run = RunConfig(str(scheduled_checkpoint), solver, STEPS, accel="uniform")
-    with Serving(run, max_batch=16) as address, Client(address, model="m") as client:
+    with serving(run, max_batch=16) as address, Client(address, model="m") as client:
         alone = {seed: client.act(observation(seed)["obs"], seed=seed).arrays["actions"] for seed in range(4)}
         ids = {seed: client.submit("act", observation(seed), seed=seed) for seed in range(4)}
         replies = {seed: client.result(request_id) for seed, request_id in ids.items()}

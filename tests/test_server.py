@@ -1,6 +1,5 @@
 """The server: batching, deadlines, streams, cancel and stats; and that no malformed input disturbs it."""
 
-import threading
 import time
 import tracemalloc
 
@@ -15,27 +14,14 @@ from hypothesis import strategies as st
 from rtdiff.policies.service import PolicyService
 from rtdiff.runtime.run import RunConfig
 from rtdiff_client.client import Client, ServerError
-from rtdiff.runtime.server import Server, ServerConfig
+from tests.conftest import ServerThread
 
 OBS_SHAPE = (2, 5)
 
 
-class Running:
-    """A server on a thread; stopped and joined on exit."""
-
-    def __init__(self, checkpoint, **config):
-        self.server = Server({"tiny": PolicyService(RunConfig(str(checkpoint), "ddim", 4))},
-                             ServerConfig(bind="tcp://127.0.0.1:0", **config))
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self.server
-
-    def __exit__(self, *exc):
-        self.server.stop()
-        self.thread.join(timeout=10)
-        assert not self.thread.is_alive()
+def Running(checkpoint, **config) -> ServerThread:
+    """The tiny policy served on a thread."""
+    return ServerThread({"tiny": PolicyService(RunConfig(str(checkpoint), "ddim", 4))}, **config)
 
 
 @pytest.fixture
