@@ -187,3 +187,12 @@ def test_ids_in_flight_are_unique_and_bad_grants_or_cancels_are_refused(address)
             client.call("cancel", target=-1)
         counts = client.stats()["counts"]
     assert counts["leases_expired"] == 0 and counts["stale_grants"] == 0  # zero counts are reported
+
+
+def test_the_client_s_duplex_helper_keeps_to_both_credits(address):
+    chunks = [{"audio": np.full(5, k, np.float32)} for k in range(20)]  # more than the input window
+    with Client(address, model="pairs", retries=0) as client:
+        outputs = list(client.duplex({"ref": np.ones(4, np.float32)}, chunks, credits=2))
+    assert [r.header["seq"] for r in outputs] == list(range(11)) and outputs[-1].result == {"taken": 20}
+    for k, reply in enumerate(outputs[:10]):
+        np.testing.assert_array_equal(reply.arrays["out"], np.full(5, 4 * k + 1 + 4, np.float32))

@@ -154,3 +154,28 @@ class Client:
             if reply.header.get("final"):
                 return
             self.submit("stream", request_id=request_id, grant=1)
+
+    def duplex(self, arrays: dict, chunks, credits: int = 4, timeout_ms: float | None = None, **params):
+        """Yields each output of a duplex stream while sending `chunks` (an iterable of array dicts, e.g. audio
+        as it is recorded) as far as the server's input credit allows; after the last chunk, the end marker.
+        One output credit is granted back per output read (docs/protocol.md, `duplex`)."""
+        request_id = self.submit("duplex", arrays, credits=credits, **params)
+        input_credits = self.result(request_id, timeout_ms).result["input_credits"]
+        chunks, ended = iter(chunks), False
+        while True:
+            while input_credits > 0 and not ended:  # send what the window allows before waiting for output
+                chunk = next(chunks, None)
+                if chunk is None:
+                    self.submit("chunk", request_id=request_id, end=True)
+                    ended = True
+                else:
+                    self.submit("chunk", chunk, request_id=request_id)
+                    input_credits -= 1
+            reply = self.result(request_id, timeout_ms)
+            if "input_grant" in reply.result:
+                input_credits += reply.result["input_grant"]
+                continue
+            yield reply
+            if reply.header.get("final"):
+                return
+            self.submit("duplex", request_id=request_id, grant=1)
