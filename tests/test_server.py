@@ -125,11 +125,9 @@ def test_a_vanished_client_and_a_client_that_never_reads_do_not_stall_others(tin
         silent, vanished = context.socket(zmq.DEALER), context.socket(zmq.DEALER)
         silent.connect(server.address)
         vanished.connect(server.address)
-        frames = [bytes(f) for f in _act_frames()]
-        for _ in range(30):  # each within its per-client queue cap (32)
-            silent.send_multipart(frames)
-        for _ in range(30):
-            vanished.send_multipart(frames)
+        for k in range(30):  # each within its per-client queue cap (32), each with its own id
+            silent.send_multipart([bytes(f) for f in _act_frames(request_id=k)])
+            vanished.send_multipart([bytes(f) for f in _act_frames(request_id=k)])
         vanished.close(linger=2000)  # returns once its requests are on the wire
         with Client(server.address, model="tiny") as client:
             for k in range(5):
