@@ -14,6 +14,7 @@ message naming the problem and never leaves a half-loaded model behind.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -99,9 +100,18 @@ def load_checkpoint(name_or_path: str | Path) -> torch.nn.Module:
 def checkpoint_hash(name_or_path: str | Path) -> str:
     """sha256 over the weights files: what a cache schedule or an engine is tied to."""
     fmt, folder = checkpoint_format(name_or_path)
+    files = tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in fmt.weights(folder))
+    return _hash_files(files)
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
+    """Keyed by each file's path, size and modification time: one run asks for the hash of its checkpoint in
+    several places (schedule lookup, accelerator, export cache), and the weights are read once; a file that
+    changed is hashed again."""
     digest = hashlib.sha256()
-    for path in fmt.weights(folder):
-        digest.update(path.read_bytes())
+    for path, _, _ in files:
+        digest.update(Path(path).read_bytes())
     return digest.hexdigest()
 
 
