@@ -11,7 +11,7 @@ $(VENV_STAMP): pyproject.toml client/pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	# the torch-free client distribution first: rtdiff depends on it for the protocol code
 	$(PY) -m pip install --quiet -e ./client
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $(VENV_STAMP)
 
 demo: $(VENV_STAMP)

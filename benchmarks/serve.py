@@ -15,7 +15,16 @@ ends (request encode, decode and check, reply encode, reply decode) run
 back to back, right after a 5 ms sleep, and right after one policy step: the
 echo's Python is a few microseconds, rtdiff's is tens, and how much slower it
 runs when the core has just idled or just run torch decides the ratio.
-(b) Throughput. 1, 4, 16, 64 client processes, each sending `act` requests one
+(b) Peers (`--peers`). The same PushT payload (obs float32 (2, 5), reply
+float32 (16, 2)) through the raw pyzmq echo, rtdiff serving the `null` model
+(no compute, every validation kept) and an openpi-style websocket server
+(benchmarks/openpi_style.py), all three in one client process with their round
+trips interleaved (the order rotating), back to back and with 1 ms between
+requests, p50 and p99, `--runs` times with fresh servers; CPU per request of
+the client (its thread time around each round trip) and of each server process
+(/proc). The issue's target: rtdiff's p50 at most openpi's in both conditions,
+its p99 back to back at most 1 ms.
+(c) Throughput. 1, 4, 16, 64 client processes, each sending `act` requests one
 after another for a fixed time, against a server with batching on (max batch
 64) and off (max batch 1): completed requests per second and client-side p99.
 """
@@ -25,7 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -162,6 +173,110 @@ def measure_protocol_path(checkpoint: str, count: int) -> dict:
     return {name: percentile_us(timed(before), 50) for name, before in conditions.items()}
 
 
+PEERS = ("echo", "rtdiff", "openpi")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_peers() -> tuple[dict, dict]:
+    """The three servers, each in a process of its own: {name: pid}, {name: what to stop}."""
+    rtdiff_address, echo_address, ws_port = (f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}",
+                                             free_port())
+    rtdiff = subprocess.Popen(
+        [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", "bench=null:obs=2x5:actions=16x2",
+         "--bind", rtdiff_address, "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    openpi = subprocess.Popen([sys.executable, str(Path(__file__).with_name("openpi_style.py")), "serve",
+                               "--port", str(ws_port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for name, process in (("rtdiff", rtdiff), ("openpi", openpi)):
+        line = process.stdout.readline()
+        if not line.startswith("serving"):
+            raise RuntimeError(f"{name} server did not start: {line!r}")
+    ready = mp.get_context("spawn").Event()
+    echo = mp.get_context("spawn").Process(target=echo_server, args=(echo_address, ready), daemon=True)
+    echo.start()
+    ready.wait(30)
+    pids = {"echo": echo.pid, "rtdiff": rtdiff.pid, "openpi": openpi.pid}
+    return pids, {"addresses": (echo_address, rtdiff_address, f"ws://127.0.0.1:{ws_port}"),
+                  "processes": (echo, rtdiff, openpi)}
+
+
+def measure_peers_run(count: int, gap_s: float) -> dict:
+    from openpi_style import OpenpiStyleClient
+
+    pids, handles = start_peers()
+    echo_address, rtdiff_address, ws_uri = handles["addresses"]
+    obs = np.full((2, 5), 100.0, np.float32)
+    echo_socket = zmq.Context.instance().socket(zmq.DEALER)
+    echo_socket.connect(echo_address)
+    echo_frames = [bytes(f) for f in request("act", 0, "bench", {"obs": obs})]
+    rtdiff = Client(rtdiff_address, model="bench", timeout_ms=10_000)
+    openpi = OpenpiStyleClient(ws_uri)
+
+    def echo_trip():
+        echo_socket.send_multipart(echo_frames)
+        echo_socket.recv_multipart()
+
+    trips = {"echo": echo_trip, "rtdiff": lambda: rtdiff.act(obs),
+             "openpi": lambda: openpi.infer({"obs": obs})}
+    wall = {name: [] for name in PEERS}
+    client_cpu = {name: 0.0 for name in PEERS}
+    server_cpu = {}
+    try:
+        warmup = 200
+        for k in range(count + warmup):
+            if k == warmup:
+                server_cpu = {name: process_cpu_s(pids[name]) for name in PEERS}
+            order = PEERS[k % 3:] + PEERS[:k % 3]
+            for name in order:
+                if gap_s:
+                    time.sleep(gap_s)
+                cpu, start = time.thread_time(), time.perf_counter()
+                trips[name]()
+                elapsed = time.perf_counter() - start
+                if k >= warmup:
+                    wall[name].append(elapsed)
+                    client_cpu[name] += time.thread_time() - cpu
+        server_cpu = {name: process_cpu_s(pids[name]) - server_cpu[name] for name in PEERS}
+    finally:
+        rtdiff.close()
+        openpi.close()
+        echo_socket.send_multipart([b"stop"])
+        echo_socket.close(linger=100)
+        echo, rtdiff_process, openpi_process = handles["processes"]
+        stop(rtdiff_process)
+        stop(openpi_process)
+        echo.join(timeout=10)
+        if echo.is_alive():
+            echo.kill()
+    return {name: {"p50_us": percentile_us(wall[name], 50), "p99_us": percentile_us(wall[name], 99),
+                   "over_1ms": float(np.mean(np.array(wall[name]) > 1e-3)),
+                   "client_cpu_us": client_cpu[name] / count * 1e6, "server_cpu_us": server_cpu[name] / count * 1e6}
+            for name in PEERS}
+
+
+def measure_peers(count: int, runs: int) -> list[dict]:
+    rows = []
+    for run in range(runs):
+        for condition, gap in (("back_to_back", 0.0), ("gap_1ms", 1e-3)):
+            result = measure_peers_run(count, gap)
+            rows.append({"run": run, "condition": condition, "count": count, **result})
+            print(f"run {run} {condition:>12}: " + "; ".join(
+                f"{name} p50 {result[name]['p50_us']:.0f} p99 {result[name]['p99_us']:.0f} us "
+                f"(cpu {result[name]['client_cpu_us']:.0f}/{result[name]['server_cpu_us']:.0f})" for name in PEERS),
+                flush=True)
+    return rows
+
+
 def closed_loop_client(address: str, seconds: float, deadline_ms: float, start_at: float, results) -> None:
     client = Client(address, model="policy", timeout_ms=30_000, retries=0)
     obs = np.full((2, 5), 100.0, np.float32)
@@ -219,6 +334,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per throughput configuration")
     parser.add_argument("--deadline-ms", type=float, default=1000.0)
     parser.add_argument("--overhead-only", action="store_true", help="skip the throughput part")
+    parser.add_argument("--peers", action="store_true", help="only (b): rtdiff on null against the echo and openpi")
+    parser.add_argument("--runs", type=int, default=3, help="peers: runs, each with fresh servers")
     parser.add_argument("--json", default="benchmarks/results/serve.json")
     args = parser.parse_args()
     client_counts = (1, 4, 16, 64)
@@ -226,6 +343,12 @@ def main() -> None:
         args.count, args.seconds, client_counts = 200, 3.0, (1, 4)
     if args.overhead_only:
         client_counts = ()
+    machine = (f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores, python "
+               f"{sys.version.split()[0]}, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}")
+    if args.peers:
+        rows = measure_peers(args.count, args.runs)
+        write_result(args.json, {"machine": machine, "peers": rows})
+        return
 
     with tempfile.TemporaryDirectory() as workdir:
         overhead = [measure_overhead(t, args.checkpoint, args.count, Path(workdir)) for t in ("tcp", "ipc")]
@@ -243,14 +366,16 @@ def main() -> None:
             throughput.append(row)
             print(f"{clients:>3} clients, batching {'on ' if batching else 'off'}: {row['req_per_s']:7.1f} req/s, "
                   f"p99 {row['p99_ms']:.1f} ms, mean batch {row['mean_batch']:.1f}, errors {row['errors']}", flush=True)
-    result = {
-        "machine": f"{platform.machine()} {platform.processor() or 'cpu'}, python {sys.version.split()[0]}, "
-                   f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}",
+    write_result(args.json, {
+        "machine": machine,
         "checkpoint": args.checkpoint, "steps": args.steps, "quick": args.quick,
         "overhead": overhead[0], "overhead_by_transport": overhead,
         "protocol_path_p50_us": protocol_path, "throughput": throughput,
-    }
-    out = Path(args.json)
+    })
+
+
+def write_result(path: str, result: dict) -> None:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

@@ -42,12 +42,14 @@ import zmq
 from rtdiff.runtime.service import check_arrays, check_request, check_service, describe
 from rtdiff.runtime.stats import percentiles
 from rtdiff.runtime.workers import ModelWorker
-from rtdiff_client.protocol import ERRORS, Limits, Message, ProtocolError, _request_id, decode, error_reply, reply
+from rtdiff_client.protocol import ERRORS, OPS, Limits, Message, ProtocolError, _request_id, decode, error_reply, reply
 
 log = logging.getLogger("rtdiff.server")
 
 DEFAULT_CREDITS, MAX_CREDITS = 4, 64
 READS_PER_TURN = 64
+# plain ints: pyzmq's flag enums cost microseconds per operation on the per-message path
+_NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 CLIENTS_CHECK_S = 1.0  # how often the allowed-clients folder is looked at for changes
 DUPLEX_INPUT_CREDITS = 8  # chunks a duplex client may send ahead of what the session has taken
 
@@ -161,6 +163,8 @@ class Server:
         self.queued: dict[str, int] = {name: 0 for name in services}
         self.compute_ms: dict[str, float] = {name: 0.0 for name in services}  # recent batch time, for deadlines
         self.streams: dict[tuple, Stream] = {}
+        self._ops = {op: getattr(self, f"_op_{op}") for op in OPS}
+        self._more_waiting = False  # another message is waiting on the socket (set per message read)
         self._prefer_stream: dict[str, bool] = {name: False for name in services}
         self.stop_event = threading.Event()
         self._authenticator = None
@@ -241,7 +245,7 @@ class Server:
 
     def _send(self, envelope: list, frames: list) -> bool:
         try:
-            self.socket.send_multipart([*envelope, *frames], flags=zmq.NOBLOCK, copy=False)
+            self.socket.send_multipart([*envelope, *frames], flags=_NOBLOCK, copy=False)
             return True
         except zmq.Again:  # the client's queue is full: it is not reading
             self.stats.counts["replies_dropped_full"] += 1
@@ -261,16 +265,17 @@ class Server:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, lambda *_: self.stop_event.set())
             signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_requested", True))
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
-        poller.register(self._wake, zmq.POLLIN)
+        # finished jobs of threaded workers come back through the wake socket; inline ones are sent as they finish
+        threaded = any(worker.threaded for worker in self.workers.values())
+        items = [(self.socket, _POLLIN), *([(self._wake, _POLLIN)] if threaded else [])]
         try:
             while not self.stop_event.is_set():
-                events = dict(poller.poll(self._poll_timeout_ms()))
-                if self.socket in events:
-                    self._read_all()
-                if self._wake in events:
-                    self._take_done()
+                events = zmq.zmq_poll(items, self._poll_timeout_ms())  # the backend call: no Poller objects
+                for socket, _ in events:
+                    if socket is self.socket:
+                        self._read_all()
+                    else:
+                        self._take_done()
                 now = time.monotonic()
                 self._watch_clients(now)
                 self._expire(now)
@@ -306,15 +311,20 @@ class Server:
         # At most READS_PER_TURN: under a flood the loop must still send replies and give workers their jobs
         # (ZeroMQ fair-queues the peers, so every client's next message is among the next few reads).
         for _ in range(READS_PER_TURN):
-            if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = self.socket.recv_multipart(_NOBLOCK)
+            except zmq.Again:
                 break
-            frames = self.socket.recv_multipart()
+            # asked once per message: whether the loop reads on, and whether `_idle` may compute a request now
+            self._more_waiting = bool(self.socket.getsockopt(_EVENTS) & _POLLIN)
             self.stats.counts["received"] += 1
             try:
                 self._handle(frames)
             except Exception as error:  # a bug must not take the server down; the client hears of it
                 log.exception("handling a message failed")
                 self._send_error(frames[:1], "internal", f"{type(error).__name__}: {error}")
+            if not self._more_waiting:
+                break
 
     def _handle(self, frames: list) -> None:
         # ROUTER gives [identity, body...]; REQ clients put an empty delimiter before the body.
@@ -327,7 +337,7 @@ class Server:
             return
         try:
             deadline = _deadline(message, arrival)
-            getattr(self, f"_op_{message.op}")(envelope, message, arrival, deadline)
+            self._ops[message.op](envelope, message, arrival, deadline)
         except ProtocolError as error:
             self._send_error(envelope, error.code, error.message, message.id, message.op)
 
@@ -378,9 +388,22 @@ class Server:
             raise ProtocolError("overloaded", f"this client has {len(mine)} requests queued for model {name!r}, the "
                                               f"most one client may (max_queue_per_client); wait for replies first")
         if self.queued[name] >= self.config.max_queue:
-            raise ProtocolError("overloaded", f"model {name!r} has {self.queued[name]} requests queued; retry later")
-        self.queues[name].setdefault(client, deque()).append(Pending(envelope, message, arrival, deadline))
+            raise ProtocolError("overloaded", f"model {name!r} has {self.queued[name]} requests queued; retry "
+                                              "after replies arrive")
+        pending = Pending(envelope, message, arrival, deadline)
+        if self._idle(name):  # nothing to wait for and nothing to batch with: computed now, never queued
+            self._run_batch(name, [pending])
+            return
+        self.queues[name].setdefault(client, deque()).append(pending)
         self.queued[name] += 1
+
+    def _idle(self, name: str) -> bool:
+        """Whether a new request for `name` would be the whole of its next batch: the model is free, nothing is
+        queued for it, no stream of it is waiting for a step, batches do not wait (max_wait_ms 0), and no other
+        message is waiting on the socket (a burst of requests is still read whole and batched)."""
+        return (not self.queued[name] and self.config.max_wait_ms <= 0 and not self.workers[name].busy
+                and not self._more_waiting
+                and not any(s.message.model == name and s.ready() for s in self.streams.values()))
 
     def _op_stream(self, envelope, message, arrival, deadline) -> None:
         key = (envelope[0], message.id)
@@ -553,21 +576,25 @@ class Server:
         self.queued[name] -= len(batch)
         return batch
 
-    def _run_batch(self, name: str) -> None:
-        batch = self._take_batch(name)
-        self.workers[name].submit(batch, lambda service: service.run_batch([p.message for p in batch]))
+    def _run_batch(self, name: str, batch: list[Pending] | None = None) -> None:
+        batch = batch or self._take_batch(name)
+        done = self.workers[name].submit(batch, lambda service: service.run_batch([p.message for p in batch]))
+        if done is not None:  # computed inline
+            self._finish_batch(done)
 
     def _step(self, stream: Stream, now: float) -> None:
         stream.in_flight, stream.last_step = True, now
         stream.inputs.extend(stream.arrivals)  # the worker's own queue for this step; the loop keeps receiving
         stream.arrivals.clear()
         stream.queued_inputs = len(stream.inputs)
-        self.workers[stream.message.model].submit(stream, stream.next_output)
+        done = self.workers[stream.message.model].submit(stream, stream.next_output)
+        if done is not None:
+            self._finish_step(done)
 
     def _take_done(self) -> None:
         while True:
             try:
-                self._wake.recv(zmq.NOBLOCK)
+                self._wake.recv(_NOBLOCK)
             except zmq.Again:
                 break
         while not self._done.empty():

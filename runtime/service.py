@@ -45,15 +45,18 @@ class ArraySpec:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"array spec {self.name!r}: dtype {self.dtype!r} is not a wire dtype {DTYPES}")
+        # looked up once: `dtype.name` costs microseconds on every request
+        object.__setattr__(self, "_dtype", np.dtype(self.dtype))
+        object.__setattr__(self, "_fixed", all(isinstance(d, int) for d in self.shape))
 
     def describe(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     def check(self, array: np.ndarray, sizes: dict[str, int]) -> None:
-        if array.dtype.name != self.dtype or array.ndim != len(self.shape):
+        if array.dtype != self._dtype or array.ndim != len(self.shape) or (self._fixed and array.shape != self.shape):
             raise ProtocolError("bad_array", f"{self.name} must be {self.dtype}{list(self.shape)}, got "
                                              f"{array.dtype.name}{list(array.shape)}")
-        for expected, size in zip(self.shape, array.shape):
+        for expected, size in zip(self.shape, array.shape) if not self._fixed else ():
             if isinstance(expected, int):
                 if size != expected:
                     raise ProtocolError("bad_array", f"{self.name} must be {self.dtype}{list(self.shape)}, got "
@@ -66,7 +69,8 @@ class ArraySpec:
             if size < 1 or (limit is not None and size > limit):
                 raise ProtocolError("bad_array", f"{self.name}: dimension {expected!r} must be in [1, {limit}], "
                                                  f"got {size}")
-        if self.finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+        # the ufunc's own reduce: ndarray.all() goes through a Python wrapper, which costs on every request
+        if self.finite and self._dtype.kind == "f" and not np.logical_and.reduce(np.isfinite(array), axis=None):
             raise ProtocolError("non_finite", f"{self.name} holds NaN or infinity")
 
 
@@ -126,9 +130,8 @@ def describe(service) -> dict:
 
 
 def check_arrays(specs: tuple[ArraySpec, ...], arrays: dict[str, np.ndarray]) -> None:
-    names = [spec.name for spec in specs]
-    if set(arrays) != set(names):
-        raise ProtocolError("bad_array", f"takes arrays {names}, got {sorted(arrays)}")
+    if len(arrays) != len(specs) or any(spec.name not in arrays for spec in specs):
+        raise ProtocolError("bad_array", f"takes arrays {[spec.name for spec in specs]}, got {sorted(arrays)}")
     sizes: dict[str, int] = {}
     for spec in specs:
         spec.check(arrays[spec.name], sizes)

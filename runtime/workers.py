@@ -9,7 +9,7 @@ loop's poll. A model's worker is its only thread, so the model and its hooks
 are never entered by two threads at once.
 
 Inline (the default for now), the job runs on the loop's thread when it is
-handed over and its result goes back the same way. Measured on the 2-core
+handed over and `submit` returns its result, which the loop sends at once. Measured on the 2-core
 machine (benchmarks/RESULTS.md, Serving): a real-time PushT sim against a
 threaded worker had 5 to 8 stalls in 10 episodes and a client p99 of 248 to
 324 ms, inline 0 stalls and 166 ms; why the thread's compute has the longer
@@ -47,9 +47,6 @@ class ModelWorker:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done, self._context, self._wake_address = done, context, wake_address
         if not threaded:
-            self._wake = context.socket(zmq.PUSH)
-            self._wake.setsockopt(zmq.LINGER, 0)
-            self._wake.connect(wake_address)
             return
         # torch's intra-op thread count is per thread under OpenMP: a new thread would compute with one per core
         # (measured: a PushT sim's stalls went from 1 to 94 in 10 episodes), so it takes the server's setting
@@ -57,30 +54,28 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name=f"rtdiff-model-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, job, run) -> None:
-        """Run `run(service)` for `job` on this model's thread; the loop hears of it through `done`."""
+    def submit(self, job, run) -> Done | None:
+        """Run `run(service)` for `job`: threaded, on this model's thread (the loop hears of it through `done`
+        and returns None now); inline, here, returning what it gave."""
+        if not self.threaded:
+            return self._execute(job, run)
         self.busy = True
-        if self.threaded:
-            self._jobs.put((job, run))
-        else:
-            self._execute(job, run, self._wake)
+        self._jobs.put((job, run))
+        return None
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.threaded:
             self._jobs.put(None)
             self._thread.join(timeout)
-        else:
-            self._wake.close()
 
-    def _execute(self, job, run, wake: zmq.Socket) -> None:
+    def _execute(self, job, run) -> Done:
         start = time.monotonic()
         try:
             output = run(self.service)
         except Exception as error:  # reported to the client by the loop; the worker lives on
             log.exception("model %s failed", self.name)
             output = error
-        self._done.put(Done(self.name, job, output, start, time.monotonic()))
-        wake.send(b"")
+        return Done(self.name, job, output, start, time.monotonic())
 
     def _run(self) -> None:
         torch.set_num_threads(self._torch_threads)
@@ -89,6 +84,7 @@ class ModelWorker:
         wake.connect(self._wake_address)
         try:
             while (item := self._jobs.get()) is not None:
-                self._execute(*item, wake)
+                self._done.put(self._execute(*item))
+                wake.send(b"")
         finally:
             wake.close()

@@ -1,6 +1,6 @@
 """rtdiff-client: what a robot, a game engine or a simulator installs to talk to an rtdiff server.
 
-numpy, msgpack and pyzmq only, no torch: the wire format (docs/protocol.md), a `Client` with pipelined
+numpy, msgspec and pyzmq only, no torch: the wire format (docs/protocol.md), a `Client` with pipelined
 requests, streams and reconnects, and the control-loop pieces (observation history, chunk plan with
 crossfades, real-time pacing). rtdiff's own server and sims use this same code.
 

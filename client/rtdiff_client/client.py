@@ -26,6 +26,8 @@ import zmq
 
 from rtdiff_client.protocol import decode_reply, request
 
+_NOBLOCK, _RCVTIMEO = int(zmq.NOBLOCK), int(zmq.RCVTIMEO)  # plain ints: pyzmq's enums cost on every call
+
 
 class ServerError(Exception):
     def __init__(self, code: str, message: str):
@@ -70,9 +72,21 @@ class Client:
             public, secret = load_certificate(self.curve_dir / "client.key_secret")
             socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = server_public, public, secret
         socket.connect(self.address)
-        self._poller = zmq.Poller()  # one per socket: building a poller per wait costs more than the wait's own work
-        self._poller.register(socket, zmq.POLLIN)
+        self._receive_timeout_ms = -1  # RCVTIMEO as last set: a blocking receive with a timeout, no poll before it
         return socket
+
+    def _receive(self, timeout_ms: float) -> list | None:
+        """The next message's frames, or None if none comes within `timeout_ms` (0: only one already here)."""
+        flags = 0
+        if timeout_ms <= 0:
+            flags = _NOBLOCK
+        elif (wanted := max(1, math.ceil(timeout_ms))) != self._receive_timeout_ms:
+            self.socket.setsockopt(_RCVTIMEO, wanted)
+            self._receive_timeout_ms = wanted
+        try:
+            return self.socket.recv_multipart(flags)
+        except zmq.Again:
+            return None
 
     def reconnect(self) -> None:
         self.socket.close(linger=0)
@@ -105,10 +119,10 @@ class Client:
         timeout = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1e3
         end = time.monotonic() + timeout
         while not self._replies.get(request_id):
-            left_ms = max(0.0, (end - time.monotonic()) * 1e3)
-            if not self._poller.poll(int(math.ceil(left_ms))):  # poll(0): only what has already arrived
+            frames = self._receive((end - time.monotonic()) * 1e3)
+            if frames is None:
                 raise TimeoutError(f"no reply to request {request_id!r} from {self.address} within {timeout * 1e3:.0f} ms")
-            header, arrays = decode_reply(self.socket.recv_multipart())
+            header, arrays = decode_reply(frames)
             self._replies[header.get("id")].append(Reply(header, arrays))
         reply = self._replies[request_id].popleft()
         if not self._replies[request_id]:

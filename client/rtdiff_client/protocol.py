@@ -1,20 +1,26 @@
 """The rtdiff wire format (docs/protocol.md): one msgpack header frame, then one raw little-endian frame per array.
 
-Decoding checks everything the header claims (version, op, id, types, array
-descriptors against the allow-list and the limits, frame count, byte counts)
-before any array buffer is read, and raises `ProtocolError` with a code from
-`ERRORS`. msgpack is unpacked with size limits and without extension types, so
-a header can only ever become plain maps, lists, strings and numbers.
+A request header is decoded straight into a typed structure (`RequestHeader`,
+msgspec, in C): every key's type, the version, the op, the array descriptors'
+dtypes and dimensions are checked in that one call, unknown keys, binary
+values and extension types (the Timestamp too) are refused. What a type cannot
+say (unique array names, byte counts against the limits and the frames) is
+checked after it, before any array buffer is read. Every refusal is a
+`ProtocolError` with a code from `ERRORS`; the code comes from where in the
+header the decoder stopped (`_refusal`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Annotated, Literal, Union
 
-import msgpack
+import msgspec
 import numpy as np
+from msgspec import Meta
 
 VERSION = 1
 OPS = ("info", "act", "stream", "duplex", "chunk", "cancel", "stats")
@@ -32,7 +38,7 @@ ERRORS = {
     "too_large": "the message exceeds a limit (header bytes, arrays, array bytes, dimensions)",
     "non_finite": "a floating-point input holds NaN or infinity",
     "unsupported": "the model does not support this op or parameter",
-    "overloaded": "the model's queue is full; retry later",
+    "overloaded": "a queue or stream limit is reached (the message says which); retry after replies arrive",
     "no_credit": "a duplex stream's input chunk arrived without input credit (the stream ends)",
     "deadline_exceeded": "the result could not be produced before the request's deadline",
     "lease_expired": "a stream heard no grant (or a duplex stream no chunk) from its client within the lease",
@@ -70,13 +76,53 @@ class Message:
     deadline_at: float | None = None  # absolute: Unix time in seconds on the client's clock
 
 
+# -- the header as types ------------------------------------------------------------------------------------
+
+Scalar = Union[None, bool, int, float, str]
+RequestId = Union[Annotated[int, Meta(ge=0)], Annotated[str, Meta(max_length=64)]]
+
+
+def _header_types(limits: Limits):
+    """The request header's structure under `limits` (msgspec checks the bounds while decoding). Built with
+    defstruct: the bounds are values, which string annotations could not see."""
+    descriptor = msgspec.defstruct("ArrayDescriptor", [
+        ("name", Annotated[str, Meta(min_length=1, max_length=64)]),
+        ("dtype", Literal[DTYPES]),
+        ("shape", Annotated[list[Annotated[int, Meta(ge=0)]], Meta(max_length=limits.max_dims)]),
+    ], forbid_unknown_fields=True)
+    return msgspec.defstruct("RequestHeader", [
+        ("v", Literal[VERSION]),
+        ("op", Literal[OPS]),
+        ("id", Union[Annotated[int, Meta(ge=0)], Annotated[str, Meta(max_length=limits.max_id_chars)]]),
+        ("model", Union[Annotated[str, Meta(max_length=128)], None], None),
+        ("deadline_ms", Union[Annotated[float, Meta(gt=0)], None], None),
+        ("deadline_at", Union[Annotated[float, Meta(gt=0)], None], None),
+        ("params", Annotated[dict[Annotated[str, Meta(max_length=64)], Scalar], Meta(max_length=256)], {}),
+        ("arrays", Annotated[list[descriptor], Meta(max_length=limits.max_arrays)], []),
+    ], forbid_unknown_fields=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _request_decoder(limits: Limits) -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(_header_types(limits))
+
+
+_any_decoder = msgspec.msgpack.Decoder()
+_encoder = msgspec.msgpack.Encoder()
+
+
 def encode(header: dict, arrays: dict[str, np.ndarray] | None = None) -> list:
     """Frames for a header (without `arrays`; descriptors are added here) and named arrays."""
-    arrays = arrays or {}
-    contiguous = {name: np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for name, a in arrays.items()}
-    descriptors = [{"name": n, "dtype": _wire_name(n, a.dtype), "shape": list(a.shape)} for n, a in contiguous.items()]
-    return [msgpack.packb({"v": VERSION, **header, "arrays": descriptors}, use_bin_type=True),
-            *(memoryview(a).cast("B") for a in contiguous.values())]
+    if not arrays:
+        return [_encoder.encode({"v": VERSION, **header, "arrays": []})]
+    descriptors, frames = [], [b""]
+    for name, array in arrays.items():
+        if not (array.flags.c_contiguous and array.dtype in _WIRE_NAMES):  # else a little-endian C-order copy
+            array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        descriptors.append({"name": name, "dtype": _wire_name(name, array.dtype), "shape": array.shape})
+        frames.append(array.data.cast("B") if array.ndim else memoryview(array.tobytes()))
+    frames[0] = _encoder.encode({"v": VERSION, **header, "arrays": descriptors})
+    return frames
 
 
 def request(op: str, request_id, model: str | None = None, arrays: dict | None = None, deadline_ms: float | None = None,
@@ -105,85 +151,114 @@ def error_reply(code: str, message: str, request_id=None, op: str | None = None)
     return encode({"op": op, "id": request_id, "ok": False, "error": {"code": code, "message": message}})
 
 
-def unpack_header(frame: bytes, limits: Limits) -> dict:
-    if len(frame) > limits.max_header_bytes:
-        raise ProtocolError("too_large", f"header is {len(frame)} bytes, limit {limits.max_header_bytes}")
-    try:
-        header = msgpack.unpackb(
-            frame, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext,
-            max_str_len=limits.max_header_bytes, max_bin_len=0, max_array_len=1024, max_map_len=256,
-        )
-    except Exception as error:  # msgpack raises several types; all mean "not a header"
-        raise ProtocolError("bad_message", f"header is not valid msgpack ({type(error).__name__})") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("bad_message", "header must be a msgpack map")
-    if not _plain(header):
-        raise ProtocolError("bad_message", "header holds a msgpack extension type (a Timestamp?); none are allowed")
-    return header
-
-
 def decode(frames: list, limits: Limits = Limits()) -> Message:
-    """A validated request from its frames (header first). Raises ProtocolError naming the problem."""
+    """A validated request from its frames (header first; bytes, or anything with the buffer protocol, as
+    pyzmq's zero-copy frames are). Raises ProtocolError naming the problem."""
     if not frames:
         raise ProtocolError("bad_message", "empty message")
-    header = unpack_header(bytes(frames[0]), limits)
-    request_id = _request_id(header.get("id"), limits)
-    op = header.get("op")
-    version = header.get("v")
-    if type(version) is not int or version != VERSION:  # true and 1.0 equal 1 in Python; they are not versions
-        raise ProtocolError("unsupported_version", f"protocol version {version!r}; this server speaks {VERSION}",
-                            request_id, op if isinstance(op, str) else None)
-    if not isinstance(op, str):
-        raise ProtocolError("bad_message", f"op must be a string, got {type(op).__name__}", request_id)
-    if op not in OPS:
-        raise ProtocolError("unknown_op", f"op {op!r}; expected one of {', '.join(OPS)}", request_id)
-    model = header.get("model")
-    if model is not None and (not isinstance(model, str) or len(model) > 128):
-        raise ProtocolError("bad_message", "model must be a string of at most 128 characters", request_id, op)
-    deadline = header.get("deadline_ms")
-    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
-                                 or not math.isfinite(deadline) or deadline <= 0):
-        raise ProtocolError("bad_message", "deadline_ms must be a positive finite number", request_id, op)
-    deadline_at = header.get("deadline_at")
-    if deadline_at is not None and (isinstance(deadline_at, bool) or not isinstance(deadline_at, (int, float))
-                                    or not math.isfinite(deadline_at) or deadline_at <= 0):
-        raise ProtocolError("bad_message", "deadline_at must be a positive finite number (Unix seconds)",
-                            request_id, op)
-    params = header.get("params", {})
-    if not isinstance(params, dict):
-        raise ProtocolError("bad_message", "params must be a map", request_id, op)
-    descriptors = _descriptors(header.get("arrays", []), limits, request_id, op)
-    if descriptors and op in ARRAYLESS_OPS:
+    frame = frames[0]
+    raw = frame.buffer if hasattr(frame, "buffer") else frame
+    if len(raw) > limits.max_header_bytes:
+        raise ProtocolError("too_large", f"header is {len(raw)} bytes, limit {limits.max_header_bytes}")
+    try:
+        header = _request_decoder(limits).decode(raw)
+    except msgspec.ValidationError as error:
+        raise _refusal(str(error), raw) from None
+    except msgspec.DecodeError as error:
+        raise ProtocolError("bad_message", f"header is not valid msgpack ({error})") from None
+    request_id, op = header.id, header.op
+    if header.arrays and op in ARRAYLESS_OPS:
         raise ProtocolError("bad_message", f"{op} carries no arrays", request_id, op)
-    total = sum(math.prod(shape) * _WIRE_DTYPES[dtype].itemsize for _, dtype, shape in descriptors)
-    if total > limits.max_message_bytes:
-        raise ProtocolError("too_large", f"arrays of {total} bytes in one message, limit {limits.max_message_bytes}",
-                            request_id, op)
-    if len(frames) - 1 != len(descriptors):
-        raise ProtocolError("bad_message", f"header describes {len(descriptors)} arrays but {len(frames) - 1} frames "
-                                           "follow it", request_id, op)
-    arrays = {}
-    for (name, dtype, shape), frame in zip(descriptors, frames[1:]):
-        expected = math.prod(shape) * _WIRE_DTYPES[dtype].itemsize
-        if len(frame) != expected:
-            raise ProtocolError("bad_array", f"array {name!r}: {dtype}{list(shape)} needs {expected} bytes, frame has "
-                                             f"{len(frame)}", request_id, op)
-        arrays[name] = np.frombuffer(frame, dtype=_WIRE_DTYPES[dtype]).reshape(shape)
-    return Message(op=op, id=request_id, model=model, deadline_ms=deadline, params=params, arrays=arrays,
-                   deadline_at=deadline_at)
+    for value in (header.deadline_ms, header.deadline_at):
+        if value is not None and not math.isfinite(value):
+            raise ProtocolError("bad_message", "deadline_ms and deadline_at must be finite", request_id, op)
+    if len(frames) - 1 != len(header.arrays):
+        raise ProtocolError("bad_message", f"header describes {len(header.arrays)} arrays but {len(frames) - 1} "
+                                           "frames follow it", request_id, op)
+    arrays, total = {}, 0
+    for descriptor, frame in zip(header.arrays, frames[1:]):
+        name, dtype = descriptor.name, _WIRE_DTYPES[descriptor.dtype]
+        size = math.prod(descriptor.shape) * dtype.itemsize
+        if name in arrays:
+            raise ProtocolError("bad_message", f"array name {name!r} is repeated", request_id, op)
+        if size > limits.max_array_bytes:
+            raise ProtocolError("too_large", f"array {name!r}: {size} bytes, limit {limits.max_array_bytes}",
+                                request_id, op)
+        total += size
+        if total > limits.max_message_bytes:
+            raise ProtocolError("too_large", f"arrays of more than {limits.max_message_bytes} bytes in one message",
+                                request_id, op)
+        buffer = frame.buffer if hasattr(frame, "buffer") else frame
+        if len(buffer) != size:
+            raise ProtocolError("bad_array", f"array {name!r}: {descriptor.dtype}{descriptor.shape} needs {size} bytes, "
+                                             f"frame has {len(buffer)}", request_id, op)
+        arrays[name] = np.ndarray(descriptor.shape, dtype, buffer)  # a view: no copy
+    return Message(op, request_id, header.model, header.deadline_ms, header.params, arrays, header.deadline_at)
+
+
+def _refusal(text: str, raw) -> ProtocolError:
+    """The documented code for where the typed decode stopped: the version is `unsupported_version`, an op of
+    the right type but unknown `unknown_op`, too many arrays or dimensions `too_large`, a dtype not allowed or a
+    bad dimension `bad_array`, anything else (wrong types, unknown keys, extensions, binary) `bad_message`."""
+    where = text.rpartition(" - at `")[2].rstrip("`") if " - at `" in text else "$"
+    if where == "$.v" or text == "Object missing required field `v`":
+        code = "unsupported_version"
+    elif where == "$.op" and text.startswith("Invalid enum value"):
+        code = "unknown_op"
+    elif where.startswith("$.arrays") and where.endswith(("arrays", "shape")) and "of length <=" in text:
+        code = "too_large"
+    elif where.startswith("$.arrays[") and (".shape[" in where or (where.endswith(".dtype") and
+                                                                    text.startswith("Invalid enum value"))):
+        code = "bad_array"
+    else:
+        code = "bad_message"
+    request_id, op = _readable_id_and_op(raw)
+    return ProtocolError(code, f"header refused: {text}", request_id, op)
+
+
+def _readable_id_and_op(raw) -> tuple:
+    """The id and op of a refused header, where they are readable, so that the error reaches its request."""
+    try:
+        header = _any_decoder.decode(raw)
+    except Exception:  # noqa: BLE001 - any failure means: not readable
+        return None, None
+    if not isinstance(header, dict):
+        return None, None
+    request_id, op = header.get("id"), header.get("op")
+    try:
+        request_id = msgspec.convert(request_id, RequestId)
+    except msgspec.ValidationError:
+        request_id = None
+    return request_id, op if isinstance(op, str) and op in OPS else None
 
 
 def decode_reply(frames: list, limits: Limits = Limits()) -> tuple[dict, dict[str, np.ndarray]]:
-    """A reply's header and arrays (the client's side; the same checks as for requests)."""
-    header = unpack_header(bytes(frames[0]), limits)
-    descriptors = _descriptors(header.get("arrays", []), limits, header.get("id"), header.get("op"))
+    """A reply's header (a map) and arrays, the client's side: the descriptors and frames are checked as for
+    requests; the rest of the header is the server's and read as it is."""
+    frame = frames[0]
+    raw = frame.buffer if hasattr(frame, "buffer") else frame
+    if len(raw) > limits.max_header_bytes:
+        raise ProtocolError("too_large", f"reply header is {len(raw)} bytes, limit {limits.max_header_bytes}")
+    try:
+        header = _any_decoder.decode(raw)
+    except msgspec.DecodeError as error:
+        raise ProtocolError("bad_message", f"reply header is not valid msgpack ({error})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("bad_message", "reply header must be a msgpack map")
+    descriptors = header.get("arrays", ())
     if len(frames) - 1 != len(descriptors):
         raise ProtocolError("bad_message", "reply frame count does not match its header")
     arrays = {}
-    for (name, dtype, shape), frame in zip(descriptors, frames[1:]):
-        if len(frame) != math.prod(shape) * _WIRE_DTYPES[dtype].itemsize:
+    for descriptor, frame in zip(descriptors, frames[1:]):
+        try:
+            name, dtype, shape = descriptor["name"], _WIRE_DTYPES[descriptor["dtype"]], tuple(descriptor["shape"])
+            size = math.prod(shape) * dtype.itemsize
+        except (KeyError, TypeError) as error:
+            raise ProtocolError("bad_message", f"reply array descriptor {descriptor!r} is malformed") from error
+        buffer = frame.buffer if hasattr(frame, "buffer") else frame
+        if len(buffer) != size:
             raise ProtocolError("bad_array", f"reply array {name!r} has the wrong byte count")
-        arrays[name] = np.frombuffer(frame, dtype=_WIRE_DTYPES[dtype]).reshape(shape)
+        arrays[name] = np.ndarray(shape, dtype, buffer)
     return header, arrays
 
 
@@ -194,20 +269,6 @@ def _wire_name(name: str, dtype: np.dtype) -> str:
         raise ValueError(f"array {name!r}: dtype {dtype} cannot be sent; allowed: {', '.join(DTYPES)}") from None
 
 
-def _refuse_ext(code, data):
-    raise ValueError("msgpack extension types are not allowed")
-
-
-def _plain(value, depth: int = 0) -> bool:
-    """Only maps, lists, strings, numbers, booleans and nil: msgpack's Timestamp extension decodes to an object of
-    its own without passing the extension hook, so it is looked for here."""
-    if isinstance(value, dict):
-        return depth < 32 and all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
-    if isinstance(value, list):
-        return depth < 32 and all(_plain(v, depth + 1) for v in value)
-    return value is None or isinstance(value, (str, int, float, bool))
-
-
 def _request_id(value, limits: Limits):
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ProtocolError("bad_message", "id must be an integer or a string")
@@ -216,37 +277,3 @@ def _request_id(value, limits: Limits):
     if isinstance(value, str) and len(value) > limits.max_id_chars:
         raise ProtocolError("bad_message", f"string id longer than {limits.max_id_chars} characters")
     return value
-
-
-def _descriptors(value, limits: Limits, request_id, op) -> list[tuple[str, str, tuple[int, ...]]]:
-    if not isinstance(value, list):
-        raise ProtocolError("bad_message", "arrays must be a list of descriptors", request_id, op)
-    if len(value) > limits.max_arrays:
-        raise ProtocolError("too_large", f"{len(value)} arrays, limit {limits.max_arrays}", request_id, op)
-    descriptors, names = [], set()
-    for item in value:
-        if not isinstance(item, dict) or set(item) != {"name", "dtype", "shape"}:
-            raise ProtocolError("bad_message", "an array descriptor is a map of exactly name, dtype, shape",
-                                request_id, op)
-        name, dtype, shape = item["name"], item["dtype"], item["shape"]
-        if not isinstance(name, str) or not name or len(name) > 64 or name in names:
-            raise ProtocolError("bad_message", f"array name {name!r} is empty, too long or repeated", request_id, op)
-        if not isinstance(dtype, str) or not isinstance(shape, list):
-            raise ProtocolError("bad_message", f"array {name!r}: dtype must be a string and shape a list",
-                                request_id, op)
-        if dtype not in DTYPES:
-            raise ProtocolError("bad_array", f"array {name!r}: dtype {dtype!r} not allowed; allowed: "
-                                             f"{', '.join(DTYPES)}", request_id, op)
-        if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
-            raise ProtocolError("bad_array", f"array {name!r}: shape must be a list of non-negative integers",
-                                request_id, op)
-        if len(shape) > limits.max_dims:
-            raise ProtocolError("too_large", f"array {name!r}: {len(shape)} dimensions, limit {limits.max_dims}",
-                                request_id, op)
-        size = math.prod(shape) * _WIRE_DTYPES[dtype].itemsize
-        if size > limits.max_array_bytes:
-            raise ProtocolError("too_large", f"array {name!r}: {size} bytes, limit {limits.max_array_bytes}",
-                                request_id, op)
-        names.add(name)
-        descriptors.append((name, dtype, tuple(shape)))
-    return descriptors
