@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import json
 import multiprocessing as mp
 import socket
@@ -40,10 +41,10 @@ def free_address() -> str:
 
 
 @contextlib.contextmanager
-def serving(*models: str):
+def serving(*models: str, model_threads: bool = False):
     address = free_address()
     command = [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--bind", address, "--threads", "1",
-               "--model-threads", *(f"--model={m}" for m in models)]
+               *(["--model-threads"] if model_threads else []), *(f"--model={m}" for m in models)]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
@@ -55,7 +56,9 @@ def serving(*models: str):
         server.wait(timeout=30)
 
 
-def flooder(address: str, model: str, seconds: float, queue) -> None:
+def flooder(address: str, model: str, seconds: float, queue, cpus: tuple[int, ...] | None = None) -> None:
+    if cpus:  # confined, standing for clients on other machines: their own spinning is not the server's CPU
+        os.sched_setaffinity(0, cpus)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
@@ -76,17 +79,19 @@ def flooder(address: str, model: str, seconds: float, queue) -> None:
     sock.close()
 
 
-def measure_flood(seconds: float, flooders: int, model: str = "pusht-unet") -> dict:
-    with serving(f"pusht={model}") as address:
+def measure_flood(seconds: float, flooders: int, model: str = "pusht-unet", model_threads: bool = False,
+                  flooder_cpus: tuple[int, ...] | None = None) -> dict:
+    with serving(f"pusht={model}", model_threads=model_threads) as address:
         with Client(address, model="pusht", timeout_ms=20_000) as client:  # warm: the model has run once
             client.act(np.full((2, 5), 100.0, np.float32))
         results = mp.get_context("spawn").Queue()
-        procs = [mp.get_context("spawn").Process(target=flooder, args=(address, "pusht", seconds + 1, results))
+        procs = [mp.get_context("spawn").Process(target=flooder,
+                                                       args=(address, "pusht", seconds + 1, results, flooder_cpus))
                  for _ in range(flooders)]
         for proc in procs:
             proc.start()
         time.sleep(1.0)  # let the flood start
-        in_time, failures, latencies = 0, {}, []
+        in_time, failures, latencies, messages = 0, {}, [], []
         with Client(address, model="pusht", timeout_ms=1000, retries=0) as client:
             asked = int(seconds * 10)
             for _ in range(asked):
@@ -98,21 +103,29 @@ def measure_flood(seconds: float, flooders: int, model: str = "pusht-unet") -> d
                 except (ServerError, TimeoutError) as error:
                     key = getattr(error, "code", "timeout")
                     failures[key] = failures.get(key, 0) + 1
+                    if len(messages) < 5:
+                        messages.append(str(error))
                 time.sleep(max(0.0, 0.1 - (time.monotonic() - start)))
         flood = [results.get(timeout=60) for _ in procs]
         for proc in procs:
             proc.join()
-    return {"scenario": "flood", "model": model, "flooders": flooders, "seconds": seconds, "asked": asked, "in_time": in_time,
+        with Client(address, model="pusht", timeout_ms=5000) as client:
+            stats = client.stats()
+    return {"scenario": "flood", "model": model, "model_threads": model_threads, "flooders": flooders,
+            "flooder_cpus": flooder_cpus, "seconds": seconds, "asked": asked, "in_time": in_time,
             "in_time_fraction": in_time / asked, "failures": failures,
             "latency_ms_p50": float(np.percentile(latencies, 50)) if latencies else None,
             "latency_ms_p99": float(np.percentile(latencies, 99)) if latencies else None,
-            "flood": flood}
+            "failure_messages": messages, "flood": flood,
+            "server": {"errors": stats["errors"], "mean_batch": stats["mean_batch"], "compute_ms": stats["compute_ms"],
+                       "batch_cap_after": stats["models"]["pusht"].get("batch_cap")}}
 
 
-def measure_slow_stream(episodes: int, workers: int) -> dict:
+def measure_slow_stream(episodes: int, workers: int, model_threads: bool = True) -> dict:
     from rtdiff.sims.remote import run_remote
 
-    with serving("pusht=pusht-unet", "slow=null:steps=100000:step_ms=300") as address:
+    # model threads: a stream's 300 ms steps inline would hold the loop, and the policy with it
+    with serving("pusht=pusht-unet", "slow=null:steps=100000:step_ms=300", model_threads=model_threads) as address:
         stop, slow_steps = threading.Event(), []
 
         def keep_streaming() -> None:
@@ -142,10 +155,13 @@ def main() -> None:
     parser.add_argument("--model", default="pusht-unet", help="flood: what the server holds (null: no compute)")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--workers", type=int, default=1, help="sim client processes")
+    parser.add_argument("--model-threads", action="store_true", help="flood: the server's models on threads")
+    parser.add_argument("--flooder-cpus", help="flood: confine the flooding processes to these cores (e.g. 1)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.scenario == "flood":
-        result = measure_flood(args.seconds, args.flooders, args.model)
+        cpus = tuple(int(c) for c in args.flooder_cpus.split(",")) if args.flooder_cpus else None
+        result = measure_flood(args.seconds, args.flooders, args.model, args.model_threads, cpus)
     else:
         result = measure_slow_stream(args.episodes, args.workers)
     print(json.dumps(result, indent=1))

@@ -17,8 +17,9 @@ echo's Python is a few microseconds, rtdiff's is tens, and how much slower it
 runs when the core has just idled or just run torch decides the ratio.
 (b) Peers (`--peers`). The same PushT payload (obs float32 (2, 5), reply
 float32 (16, 2)) through the raw pyzmq echo, rtdiff serving the `null` model
-(no compute, every validation kept) and an openpi-style websocket server
-(benchmarks/openpi_style.py), all three in one client process with their round
+(no compute, every validation kept) over tcp and over ipc (same host), and an
+openpi-style websocket server (benchmarks/openpi_style.py), all in one client
+process with their round
 trips interleaved (the order rotating), back to back and with 1 ms between
 requests, p50 and p99, `--runs` times with fresh servers; CPU per request of
 the client (its thread time around each round trip) and of each server process
@@ -173,7 +174,7 @@ def measure_protocol_path(checkpoint: str, count: int) -> dict:
     return {name: percentile_us(timed(before), 50) for name, before in conditions.items()}
 
 
-PEERS = ("echo", "rtdiff", "openpi")
+PEERS = ("echo", "rtdiff", "openpi", "rtdiff_ipc")  # rtdiff_ipc: the same server's model over ipc://
 
 
 def process_cpu_s(pid: int) -> float:
@@ -188,16 +189,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_peers() -> tuple[dict, dict]:
-    """The three servers, each in a process of its own: {name: pid}, {name: what to stop}."""
+def start_peers(workdir: str) -> tuple[dict, dict]:
+    """The servers, each in a process of its own: {name: pid}, {name: what to stop}."""
     rtdiff_address, echo_address, ws_port = (f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}",
                                              free_port())
     rtdiff = subprocess.Popen(
         [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", "bench=null:obs=2x5:actions=16x2",
          "--bind", rtdiff_address, "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    rtdiff_ipc_address = f"ipc://{workdir}/rtdiff.ipc"
+    rtdiff_ipc = subprocess.Popen(
+        [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", "bench=null:obs=2x5:actions=16x2",
+         "--bind", rtdiff_ipc_address, "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     openpi = subprocess.Popen([sys.executable, str(Path(__file__).with_name("openpi_style.py")), "serve",
                                "--port", str(ws_port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for name, process in (("rtdiff", rtdiff), ("openpi", openpi)):
+    for name, process in (("rtdiff", rtdiff), ("openpi", openpi), ("rtdiff_ipc", rtdiff_ipc)):
         line = process.stdout.readline()
         if not line.startswith("serving"):
             raise RuntimeError(f"{name} server did not start: {line!r}")
@@ -205,21 +210,23 @@ def start_peers() -> tuple[dict, dict]:
     echo = mp.get_context("spawn").Process(target=echo_server, args=(echo_address, ready), daemon=True)
     echo.start()
     ready.wait(30)
-    pids = {"echo": echo.pid, "rtdiff": rtdiff.pid, "openpi": openpi.pid}
-    return pids, {"addresses": (echo_address, rtdiff_address, f"ws://127.0.0.1:{ws_port}"),
-                  "processes": (echo, rtdiff, openpi)}
+    pids = {"echo": echo.pid, "rtdiff": rtdiff.pid, "openpi": openpi.pid, "rtdiff_ipc": rtdiff_ipc.pid}
+    return pids, {"addresses": (echo_address, rtdiff_address, f"ws://127.0.0.1:{ws_port}", rtdiff_ipc_address),
+                  "processes": (echo, rtdiff, openpi, rtdiff_ipc)}
 
 
 def measure_peers_run(count: int, gap_s: float) -> dict:
     from openpi_style import OpenpiStyleClient
 
-    pids, handles = start_peers()
-    echo_address, rtdiff_address, ws_uri = handles["addresses"]
+    workdir = tempfile.mkdtemp(prefix="rtdiff-peers-")
+    pids, handles = start_peers(workdir)
+    echo_address, rtdiff_address, ws_uri, rtdiff_ipc_address = handles["addresses"]
     obs = np.full((2, 5), 100.0, np.float32)
     echo_socket = zmq.Context.instance().socket(zmq.DEALER)
     echo_socket.connect(echo_address)
     echo_frames = [bytes(f) for f in request("act", 0, "bench", {"obs": obs})]
     rtdiff = Client(rtdiff_address, model="bench", timeout_ms=10_000)
+    rtdiff_ipc = Client(rtdiff_ipc_address, model="bench", timeout_ms=10_000)
     openpi = OpenpiStyleClient(ws_uri)
 
     def echo_trip():
@@ -227,7 +234,7 @@ def measure_peers_run(count: int, gap_s: float) -> dict:
         echo_socket.recv_multipart()
 
     trips = {"echo": echo_trip, "rtdiff": lambda: rtdiff.act(obs),
-             "openpi": lambda: openpi.infer({"obs": obs})}
+             "openpi": lambda: openpi.infer({"obs": obs}), "rtdiff_ipc": lambda: rtdiff_ipc.act(obs)}
     wall = {name: [] for name in PEERS}
     client_cpu = {name: 0.0 for name in PEERS}
     server_cpu = {}
@@ -236,7 +243,7 @@ def measure_peers_run(count: int, gap_s: float) -> dict:
         for k in range(count + warmup):
             if k == warmup:
                 server_cpu = {name: process_cpu_s(pids[name]) for name in PEERS}
-            order = PEERS[k % 3:] + PEERS[:k % 3]
+            order = PEERS[k % len(PEERS):] + PEERS[:k % len(PEERS)]
             for name in order:
                 if gap_s:
                     time.sleep(gap_s)
@@ -249,12 +256,13 @@ def measure_peers_run(count: int, gap_s: float) -> dict:
         server_cpu = {name: process_cpu_s(pids[name]) - server_cpu[name] for name in PEERS}
     finally:
         rtdiff.close()
+        rtdiff_ipc.close()
         openpi.close()
         echo_socket.send_multipart([b"stop"])
         echo_socket.close(linger=100)
-        echo, rtdiff_process, openpi_process = handles["processes"]
-        stop(rtdiff_process)
-        stop(openpi_process)
+        echo, *servers = handles["processes"]
+        for process in servers:
+            stop(process)
         echo.join(timeout=10)
         if echo.is_alive():
             echo.kill()

@@ -8,16 +8,19 @@ every waiting message (validating it completely before a model sees it),
 takes back what the workers finished and sends it, drops queued work whose
 deadline has passed and streams whose lease ran out, and gives each idle
 worker its next job: a batch of `act` requests, or one step of a stream (the
-two alternate when both wait). A batch is due when it is full (`max_batch`),
+two alternate when both wait). A batch is due when it is full (its cap:
+`max_batch`, less under tight deadlines),
 when its oldest request has waited `max_wait_ms`, or when waiting longer would
 finish it after the earliest deadline in it (judged by the model's recent
 compute time).
 
-Fairness: each client has its own queue per model, and a batch takes one
-request from each client in turn (round-robin), so a client flooding one model
-fills only its own queue (`max_queue_per_client`) and is refused beyond it
-while everyone else's requests go into the next batch. A client may hold at
-most `max_streams_per_client` open streams.
+Fairness: each client has its own queue per model, and a batch takes each
+request from the client served least of late (runtime/fairness.py), so a client
+flooding one model fills only its own queue (`max_queue_per_client`) and is
+refused beyond it while a light client's request goes into the next batch. When
+requests carry deadlines, batches are kept short enough that one arriving
+while a batch computes can still make its deadline. A client may hold at most
+`max_streams_per_client` open streams.
 
 Every failure is a reply with an error code (runtime/protocol.py); a reply that
 cannot be delivered (client gone, its queue full) is counted, never waited on:
@@ -32,13 +35,14 @@ import queue
 import signal
 import threading
 import time
-from collections import OrderedDict, defaultdict, deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zmq
 
+from rtdiff.runtime.fairness import FairBatcher
 from rtdiff.runtime.service import check_arrays, check_request, check_service, describe
 from rtdiff.runtime.stats import percentiles
 from rtdiff.runtime.workers import ModelWorker
@@ -159,9 +163,10 @@ class Server:
         self.context = context or zmq.Context.instance()
         self.stats = Stats()
         # per model, per client (its routing identity), the client's queued `act` requests in arrival order
-        self.queues: dict[str, OrderedDict[bytes, deque[Pending]]] = {name: OrderedDict() for name in services}
+        self.queues: dict[str, dict[bytes, deque[Pending]]] = {name: {} for name in services}
         self.queued: dict[str, int] = {name: 0 for name in services}
         self.compute_ms: dict[str, float] = {name: 0.0 for name in services}  # recent batch time, for deadlines
+        self.fair = {name: FairBatcher(self.config.max_batch) for name in services}
         self.streams: dict[tuple, Stream] = {}
         self._ops = {op: getattr(self, f"_op_{op}") for op in OPS}
         self._more_waiting = False  # another message is waiting on the socket (set per message read)
@@ -278,10 +283,11 @@ class Server:
                         self._take_done()
                 now = time.monotonic()
                 self._watch_clients(now)
-                self._expire(now)
-                for name, worker in self.workers.items():
-                    if not worker.busy:
-                        self._dispatch(name, now)
+                if self.streams or self._queued_total():  # else nothing can expire or be dispatched
+                    self._expire(now)
+                    for name, worker in self.workers.items():
+                        if not worker.busy:
+                            self._dispatch(name, now)
         finally:
             self._refuse_remaining()
             self.close()
@@ -289,7 +295,12 @@ class Server:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def _queued_total(self) -> int:
+        return sum(self.queued.values())
+
     def _poll_timeout_ms(self) -> int:
+        if not self.streams and not self._queued_total():
+            return 100  # idle: wake now and then to notice a stop and to look at the allowed clients
         if any(s.ready() and not self.workers[s.message.model].busy for s in self.streams.values()):
             return 0
         now = time.monotonic()
@@ -364,7 +375,8 @@ class Server:
 
     def _op_stats(self, envelope, message, arrival, deadline) -> None:
         report = self.stats.report()
-        report["models"] = {name: {"queued": self.queued[name], "busy": self.workers[name].busy, **service.stats()}
+        report["models"] = {name: {"queued": self.queued[name], "busy": self.workers[name].busy,
+                                   "batch_cap": self.fair[name].cap, **service.stats()}
                             for name, service in self.services.items()}
         report["streams"] = len(self.streams)
         self._send(envelope, reply("stats", message.id, result=report))
@@ -391,7 +403,10 @@ class Server:
             raise ProtocolError("overloaded", f"model {name!r} has {self.queued[name]} requests queued; retry "
                                               "after replies arrive")
         pending = Pending(envelope, message, arrival, deadline)
+        if deadline is not None:
+            self.fair[name].saw_deadline((deadline - arrival) * 1e3, arrival)
         if self._idle(name):  # nothing to wait for and nothing to batch with: computed now, never queued
+            self.fair[name].charge(client, arrival)
             self._run_batch(name, [pending])
             return
         self.queues[name].setdefault(client, deque()).append(pending)
@@ -522,7 +537,7 @@ class Server:
         return due
 
     def _batch_due(self, name: str, now: float) -> bool:
-        return bool(self.queued[name]) and (self.queued[name] >= self.config.max_batch or now >= self._due_time(name))
+        return bool(self.queued[name]) and (self.queued[name] >= self.fair[name].cap or now >= self._due_time(name))
 
     def _expire(self, now: float) -> None:
         for name, clients in self.queues.items():
@@ -565,12 +580,16 @@ class Server:
             self._run_batch(name)
 
     def _take_batch(self, name: str) -> list[Pending]:
-        """Up to max_batch requests, one from each client in turn, starting after the client served last."""
-        clients, batch = self.queues[name], []
-        while clients and len(batch) < self.config.max_batch:
-            client, mine = next(iter(clients.items()))
+        """Up to the model's batch cap of requests, each from the client whose turn it is (runtime/fairness.py:
+        least served of late, a deadline within its fair share first): a light client's request goes into the
+        next batch ahead of a flood, and clients that ask equally much alternate."""
+        clients, fair, now = self.queues[name], self.fair[name], time.monotonic()
+        batch = []
+        while clients and len(batch) < fair.cap:
+            client = fair.next_client(clients, now)
+            mine = clients[client]
             batch.append(mine.popleft())
-            clients.move_to_end(client)
+            fair.charge(client, now)
             if not mine:
                 del clients[client]
         self.queued[name] -= len(batch)
@@ -613,6 +632,7 @@ class Server:
                                  pending.message.id, "act")
             return
         compute_ms = (done.end - done.start) * 1e3
+        self.fair[name].finished(len(batch), compute_ms, done.end)
         delivered = []
         for pending, arrays in zip(batch, done.output):  # replies first: the bookkeeping below is not on their clock
             if pending.deadline is not None and done.end > pending.deadline:

@@ -1,0 +1,62 @@
+"""The server's scheduling policy (runtime/fairness.py) on its own: who goes next, and how big a batch may be."""
+
+from collections import deque
+from types import SimpleNamespace
+
+from rtdiff.runtime.fairness import HALF_LIFE_S, FairBatcher
+
+
+def queued(**clients):
+    """client name -> deque of requests with the given deadline (None: no deadline)."""
+    return {name.encode(): deque([SimpleNamespace(deadline=deadline)]) for name, deadline in clients.items()}
+
+
+def serve(fair: FairBatcher, client: str, times: int, now: float) -> None:
+    for _ in range(times):
+        fair.charge(client.encode(), now)
+
+
+def test_a_light_client_with_a_deadline_goes_before_flooders():
+    fair = FairBatcher(max_batch=16)
+    for flooder in ("a", "b", "c", "d"):
+        serve(fair, flooder, 20, now=0.0)
+    serve(fair, "light", 5, now=0.0)
+    assert fair.next_client(queued(a=None, b=None, c=None, d=None, light=1.0), now=0.1) == b"light"
+
+
+def test_a_flooder_gains_nothing_by_putting_deadlines_on_its_requests():
+    fair = FairBatcher(max_batch=16)
+    serve(fair, "flooder", 50, now=0.0)
+    serve(fair, "other", 10, now=0.0)
+    serve(fair, "quiet", 1, now=0.0)
+    # the flooder is above the mean service: its deadline does not put it first; the least served goes first
+    assert fair.next_client(queued(flooder=1.0, other=None, quiet=None), now=0.0) == b"quiet"
+
+
+def test_equal_clients_alternate_and_service_decays():
+    fair = FairBatcher(max_batch=16)
+    order = []
+    for _ in range(6):
+        client = fair.next_client(queued(x=None, y=None), now=0.0)
+        fair.charge(client, now=0.0)
+        order.append(client)
+    assert order.count(b"x") == order.count(b"y") == 3
+    serve(fair, "x", 10, now=0.0)
+    assert abs(fair.service(b"x", now=HALF_LIFE_S) - fair.service(b"x", now=0.0) / 2) < 1e-9
+
+
+def test_the_batch_cap_follows_measured_time_per_size_against_the_tightest_deadline():
+    fair = FairBatcher(max_batch=16)
+    fair.finished(16, 138.0, now=0.0)
+    assert fair.cap == 16  # no deadlines seen: batches as large as allowed
+    fair.saw_deadline(200.0, now=1.0)
+    fair.finished(16, 138.0, now=1.0)
+    assert fair.cap == 1  # 138 ms is more than half of 200; nothing smaller measured yet: start from one
+    fair.finished(1, 36.0, now=1.1)
+    assert fair.cap == 2  # one fits; two is not measured: try it
+    fair.finished(2, 76.0, now=1.2)
+    assert fair.cap == 3
+    fair.finished(3, 120.0, now=1.3)
+    assert fair.cap == 2  # three took more than 100 ms
+    fair.finished(2, 76.0, now=20.0)  # the deadline is no longer recent
+    assert fair.cap == 16
