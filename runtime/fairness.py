@@ -15,7 +15,8 @@ Batch cap. A request that arrives just as a batch starts waits for that batch
 and computes in the next, so both must fit its deadline: the cap is the largest
 batch size whose measured compute time (a running mean per size) is at most
 half the tightest deadline seen in the last `DEADLINE_MEMORY_S`, trying one
-size up while that size is unmeasured and the cap's own time fits. A model's time is not linear in
+size up while that size is unmeasured (or not computed for `COST_MEMORY_S`)
+and the cap's own time fits. A model's time is not linear in
 the batch (a PushT UNet: 36 ms for one, 76 ms for two, 103 ms for eight), so it
 is measured per size rather than modelled. Without recent deadlines the cap is
 `max_batch`.
@@ -29,6 +30,8 @@ HALF_LIFE_S = 1.0
 DEADLINE_MEMORY_S = 10.0
 MAX_CLIENTS_REMEMBERED = 4096
 COST_SMOOTHING = 0.3
+COST_MEMORY_S = 2.0  # a size not computed for this long is tried again: load changes, and one slow batch must not
+                     # shut a size out for good
 
 
 class FairBatcher:
@@ -37,6 +40,7 @@ class FairBatcher:
         self.cap = max_batch
         self._service: dict[bytes, tuple[float, float]] = {}  # client -> (decayed count, when)
         self._cost_ms: dict[int, float] = {}  # batch size -> running mean compute time
+        self._cost_at: dict[int, float] = {}  # batch size -> when last computed
         self._tightest_ms: float | None = None
         self._tightest_at = 0.0
 
@@ -67,6 +71,9 @@ class FairBatcher:
     def finished(self, batch: int, compute_ms: float, now: float) -> None:
         known = self._cost_ms.get(batch)
         self._cost_ms[batch] = compute_ms if known is None else known + COST_SMOOTHING * (compute_ms - known)
+        self._cost_at[batch] = now
+        for size in [size for size, when in self._cost_at.items() if now - when > COST_MEMORY_S]:
+            del self._cost_ms[size], self._cost_at[size]
         if self._tightest_ms is None or now - self._tightest_at > DEADLINE_MEMORY_S:
             self._tightest_ms, self.cap = None, self.max_batch
             return

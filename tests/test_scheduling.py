@@ -60,3 +60,13 @@ def test_the_batch_cap_follows_measured_time_per_size_against_the_tightest_deadl
     assert fair.cap == 2  # three took more than 100 ms
     fair.finished(2, 76.0, now=20.0)  # the deadline is no longer recent
     assert fair.cap == 16
+
+
+def test_a_size_shut_out_by_one_slow_batch_is_tried_again_later():
+    fair = FairBatcher(max_batch=16)
+    fair.saw_deadline(200.0, now=0.0)
+    fair.finished(1, 36.0, now=0.0)
+    fair.finished(2, 300.0, now=0.1)  # one batch of two slowed down by something else on the machine
+    assert fair.cap == 1
+    fair.finished(1, 36.0, now=5.0)  # two has not been computed for seconds: try it again
+    assert fair.cap == 2

@@ -201,3 +201,48 @@ def test_the_null_model_answers_zeros_of_its_declared_shapes_and_validates_like_
     refused = subprocess.run([sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", "bench=null:obs=2y5"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "dimensions are integers" in refused.stderr
+
+
+def test_requests_queued_during_an_outage_are_refused_as_late_never_computed():
+    """A client keeps sending while the server is down (kill -9); ZeroMQ delivers what it queued once the server
+    is back on the same port. Requests whose deadline passed meanwhile get `deadline_exceeded`, never actions."""
+    from rtdiff_client.protocol import decode_reply, request
+
+    address = free_address()
+    command = [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", "bench=null", "--bind", address]
+
+    def start():
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert process.stdout.readline().startswith("serving")
+        return process
+
+    server = start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    obs = {"obs": np.ones((2, 5), np.float32)}
+    try:
+        sock.send_multipart(request("act", "before", "bench", obs, deadline_ms=5000))
+        assert sock.poll(10_000)
+        assert decode_reply(sock.recv_multipart())[0]["ok"]
+        server.kill()
+        server.wait()
+        for k in range(8):  # queued in the client's socket while nobody listens
+            sock.send_multipart(request("act", f"outage-{k}", "bench", obs, deadline_ms=300))
+        time.sleep(0.5)  # every one of them is late now
+        server = start()
+        replies = {}
+        end = time.monotonic() + 15
+        while len(replies) < 8 and time.monotonic() < end:
+            if sock.poll(500):
+                header, _ = decode_reply(sock.recv_multipart())
+                replies[header["id"]] = header
+        assert sorted(replies) == [f"outage-{k}" for k in range(8)]  # all delivered after the restart
+        for header in replies.values():
+            assert not header["ok"] and header["error"]["code"] == "deadline_exceeded"
+            assert "not computed" in header["error"]["message"]
+        sock.send_multipart(request("act", "after", "bench", obs, deadline_ms=5000))
+        assert sock.poll(10_000) and decode_reply(sock.recv_multipart())[0]["ok"]
+    finally:
+        sock.close()
+        server.kill()
