@@ -9,10 +9,9 @@ takes back what the workers finished and sends it, drops queued work whose
 deadline has passed and streams whose lease ran out, and gives each idle
 worker its next job: a batch of `act` requests, or one step of a stream (the
 two alternate when both wait). A batch is due when it is full (its cap:
-`max_batch`, less under tight deadlines),
-when its oldest request has waited `max_wait_ms`, or when waiting longer would
-finish it after the earliest deadline in it (judged by the model's recent
-compute time).
+`max_batch`, less under tight deadlines), when its oldest request has waited
+`max_wait_ms`, or when waiting longer would finish it after the earliest
+deadline in it (judged by the model's recent compute time).
 
 Fairness: each client has its own queue per model, and a batch takes each
 request from the client served least of late (runtime/fairness.py), so a client
