@@ -130,6 +130,9 @@ def test_fields_of_the_wrong_type_and_look_alike_versions_are_refused_as_such():
         "bad_message"
     assert code_of([header(deadline_at="soon"), OBS.tobytes()]) == "bad_message"
     assert code_of([header(op="info"), OBS.tobytes()]) == "bad_message"  # info, cancel, stats carry no arrays
+    assert code_of([header(extra=1), OBS.tobytes()]) == "bad_message"  # a request key the version does not have
+    assert code_of([header(params={"seed": [1, 2]}), OBS.tobytes()]) == "bad_message"  # param values are scalars
+    assert code_of([header(params={"x" * 65: 1}), OBS.tobytes()]) == "bad_message"  # param names <= 64 characters
 
 
 def test_the_message_size_limit_counts_all_its_arrays_together():
