@@ -53,6 +53,7 @@ DEFAULT_CREDITS, MAX_CREDITS = 4, 64
 READS_PER_TURN = 64
 # plain ints: pyzmq's flag enums cost microseconds per operation on the per-message path
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
+IDLE_WAKE_S = 0.1  # the loop wakes this often with nothing to do: to notice a stop, run out leases, read keys
 CLIENTS_CHECK_S = 1.0  # how often the allowed-clients folder is looked at for changes
 DUPLEX_INPUT_CREDITS = 8  # chunks a duplex client may send ahead of what the session has taken
 
@@ -299,11 +300,11 @@ class Server:
 
     def _poll_timeout_ms(self) -> int:
         if not self.streams and not self._queued_total():
-            return 100  # idle: wake now and then to notice a stop and to look at the allowed clients
+            return math.ceil(IDLE_WAKE_S * 1e3)
         if any(s.ready() and not self.workers[s.message.model].busy for s in self.streams.values()):
             return 0
         now = time.monotonic()
-        wake = now + 0.1  # wake now and then even when idle, to notice a stop and run out leases
+        wake = now + IDLE_WAKE_S
         for name in self.queues:
             if self.queued[name]:
                 deadlines = [p.deadline for p in self._pending(name) if p.deadline is not None]

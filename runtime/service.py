@@ -56,7 +56,14 @@ class ArraySpec:
         if array.dtype != self._dtype or array.ndim != len(self.shape) or (self._fixed and array.shape != self.shape):
             raise ProtocolError("bad_array", f"{self.name} must be {self.dtype}{list(self.shape)}, got "
                                              f"{array.dtype.name}{list(array.shape)}")
-        for expected, size in zip(self.shape, array.shape) if not self._fixed else ():
+        if not self._fixed:  # a fixed shape was compared whole above
+            self._check_dimensions(array, sizes)
+        # the ufunc's own reduce: ndarray.all() goes through a Python wrapper, which costs on every request
+        if self.finite and self._dtype.kind == "f" and not np.logical_and.reduce(np.isfinite(array), axis=None):
+            raise ProtocolError("non_finite", f"{self.name} holds NaN or infinity")
+
+    def _check_dimensions(self, array: np.ndarray, sizes: dict[str, int]) -> None:
+        for expected, size in zip(self.shape, array.shape):
             if isinstance(expected, int):
                 if size != expected:
                     raise ProtocolError("bad_array", f"{self.name} must be {self.dtype}{list(self.shape)}, got "
@@ -69,9 +76,6 @@ class ArraySpec:
             if size < 1 or (limit is not None and size > limit):
                 raise ProtocolError("bad_array", f"{self.name}: dimension {expected!r} must be in [1, {limit}], "
                                                  f"got {size}")
-        # the ufunc's own reduce: ndarray.all() goes through a Python wrapper, which costs on every request
-        if self.finite and self._dtype.kind == "f" and not np.logical_and.reduce(np.isfinite(array), axis=None):
-            raise ProtocolError("non_finite", f"{self.name} holds NaN or infinity")
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ loop's poll. A model's worker is its only thread, so the model and its hooks
 are never entered by two threads at once.
 
 Inline (the default for now), the job runs on the loop's thread when it is
-handed over and `submit` returns its result, which the loop sends at once. Measured on the 2-core
-machine (benchmarks/RESULTS.md, Serving): a real-time PushT sim against a
+handed over and `submit` returns its result, which the loop sends at once.
+Measured on the 2-core machine (benchmarks/RESULTS.md, Serving): a real-time PushT sim against a
 threaded worker had 5 to 8 stalls in 10 episodes and a client p99 of 248 to
 324 ms, inline 0 stalls and 166 ms; why the thread's compute has the longer
 tail is not found yet, so threads are opt-in (`rtdiff serve --model-threads`).

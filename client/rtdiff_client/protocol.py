@@ -79,7 +79,6 @@ class Message:
 # -- the header as types ------------------------------------------------------------------------------------
 
 Scalar = Union[None, bool, int, float, str]
-RequestId = Union[Annotated[int, Meta(ge=0)], Annotated[str, Meta(max_length=64)]]
 
 
 def _header_types(limits: Limits):
@@ -163,7 +162,7 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
     try:
         header = _request_decoder(limits).decode(raw)
     except msgspec.ValidationError as error:
-        raise _refusal(str(error), raw) from None
+        raise _refusal(str(error), raw, limits) from None
     except msgspec.DecodeError as error:
         raise ProtocolError("bad_message", f"header is not valid msgpack ({error})") from None
     request_id, op = header.id, header.op
@@ -196,7 +195,7 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
     return Message(op, request_id, header.model, header.deadline_ms, header.params, arrays, header.deadline_at)
 
 
-def _refusal(text: str, raw) -> ProtocolError:
+def _refusal(text: str, raw, limits: Limits) -> ProtocolError:
     """The documented code for where the typed decode stopped: the version is `unsupported_version`, an op of
     the right type but unknown `unknown_op`, too many arrays or dimensions `too_large`, a dtype not allowed or a
     bad dimension `bad_array`, anything else (wrong types, unknown keys, extensions, binary) `bad_message`."""
@@ -212,11 +211,11 @@ def _refusal(text: str, raw) -> ProtocolError:
         code = "bad_array"
     else:
         code = "bad_message"
-    request_id, op = _readable_id_and_op(raw)
+    request_id, op = _readable_id_and_op(raw, limits)
     return ProtocolError(code, f"header refused: {text}", request_id, op)
 
 
-def _readable_id_and_op(raw) -> tuple:
+def _readable_id_and_op(raw, limits: Limits) -> tuple:
     """The id and op of a refused header, where they are readable, so that the error reaches its request."""
     try:
         header = _any_decoder.decode(raw)
@@ -226,8 +225,8 @@ def _readable_id_and_op(raw) -> tuple:
         return None, None
     request_id, op = header.get("id"), header.get("op")
     try:
-        request_id = msgspec.convert(request_id, RequestId)
-    except msgspec.ValidationError:
+        request_id = _request_id(request_id, limits)
+    except ProtocolError:
         request_id = None
     return request_id, op if isinstance(op, str) and op in OPS else None
 
