@@ -1,15 +1,14 @@
 """Which client's request goes next, and how big a batch may be: the server's scheduling policy per model.
 
-Least attained service. Each client's service is a count of its requests
-computed, decaying with a half-life of `HALF_LIFE_S`; a batch is filled one
-request at a time from the queued client with the least, except that a client
-within its fair share (at most the mean service of the clients being served)
-whose next request carries a deadline goes first. So a client asking at 10 Hz
-with a deadline beside four clients flooding is in the very next batch, two
-clients asking equally much alternate, and a flooder gains nothing by putting
-deadlines on its requests: it is above its share. (Round-robin, which this
-replaces, put a client whose queue had run empty behind every flooder when it
-came back.)
+Fewest waiting, then least attained service. The next request comes from the
+client with the fewest requests queued: a client that waits for each reply
+before asking again (a robot's control loop) has one, a flood has its whole
+per-client cap, so a 10 Hz client is in the very next batch however many flood,
+and deadlines buy a flooder nothing. Between clients with as many queued, the
+one served least goes first; service is a count of its requests computed,
+decaying with a half-life of `HALF_LIFE_S`, so clients asking equally much
+alternate. (Round-robin, which this replaces, put a client whose queue had run
+empty behind every flooder when it came back.)
 
 Batch cap. A request that arrives just as a batch starts waits for that batch
 and computes in the next, so both must fit its deadline: the cap is the largest
@@ -49,14 +48,11 @@ class FairBatcher:
         return count * math.exp2(-(now - when) / HALF_LIFE_S)
 
     def next_client(self, queued: dict, now: float) -> bytes:
-        """Of the clients with queued requests (`queued`: client -> its deque of requests, each with a `deadline`),
-        the one whose request goes next."""
+        """Of the clients with queued requests (`queued`: client -> its deque of requests), the one whose request
+        goes next."""
         if len(queued) == 1:
             return next(iter(queued))
-        served = {client: self.service(client, now) for client in queued}
-        share = sum(served.values()) / len(served)
-        urgent = [c for c in queued if queued[c][0].deadline is not None and served[c] <= share]
-        return min(urgent or queued, key=served.__getitem__)
+        return min(queued, key=lambda client: (len(queued[client]), self.service(client, now)))
 
     def charge(self, client: bytes, now: float) -> None:
         self._service[client] = (self.service(client, now) + 1.0, now)

@@ -14,11 +14,12 @@ two alternate when both wait). A batch is due when it is full (its cap:
 deadline in it (judged by the model's recent compute time).
 
 Fairness: each client has its own queue per model, and a batch takes each
-request from the client served least of late (runtime/fairness.py), so a client
-flooding one model fills only its own queue (`max_queue_per_client`) and is
-refused beyond it while a light client's request goes into the next batch. When
-requests carry deadlines, batches are kept short enough that one arriving
-while a batch computes can still make its deadline. A client may hold at most
+request from the client with the fewest queued, then the one served least of
+late (runtime/fairness.py), so a client flooding one model fills only its own
+queue (`max_queue_per_client`) and is refused beyond it while a light client's
+request goes into the next batch. When requests carry deadlines, batches are
+kept short enough that one arriving while a batch computes can still make its
+deadline. A client may hold at most
 `max_streams_per_client` open streams.
 
 Every failure is a reply with an error code (runtime/protocol.py); a reply that
@@ -581,8 +582,8 @@ class Server:
 
     def _take_batch(self, name: str) -> list[Pending]:
         """Up to the model's batch cap of requests, each from the client whose turn it is (runtime/fairness.py:
-        least served of late, a deadline within its fair share first): a light client's request goes into the
-        next batch ahead of a flood, and clients that ask equally much alternate."""
+        fewest queued, then least served of late): a light client's request goes into the next batch ahead of a
+        flood, and clients that ask equally much alternate."""
         clients, fair, now = self.queues[name], self.fair[name], time.monotonic()
         batch = []
         while clients and len(batch) < fair.cap:

@@ -7,8 +7,8 @@ from rtdiff.runtime.fairness import HALF_LIFE_S, FairBatcher
 
 
 def queued(**clients):
-    """client name -> deque of requests with the given deadline (None: no deadline)."""
-    return {name.encode(): deque([SimpleNamespace(deadline=deadline)]) for name, deadline in clients.items()}
+    """client name -> a deque of that many requests (each a stand-in with no deadline)."""
+    return {name.encode(): deque([SimpleNamespace(deadline=None)] * count) for name, count in clients.items()}
 
 
 def serve(fair: FairBatcher, client: str, times: int, now: float) -> None:
@@ -16,28 +16,27 @@ def serve(fair: FairBatcher, client: str, times: int, now: float) -> None:
         fair.charge(client.encode(), now)
 
 
-def test_a_light_client_with_a_deadline_goes_before_flooders():
+def test_a_client_waiting_for_each_reply_goes_before_flooders_even_when_served_more():
     fair = FairBatcher(max_batch=16)
     for flooder in ("a", "b", "c", "d"):
-        serve(fair, flooder, 20, now=0.0)
-    serve(fair, "light", 5, now=0.0)
-    assert fair.next_client(queued(a=None, b=None, c=None, d=None, light=1.0), now=0.1) == b"light"
+        serve(fair, flooder, 5, now=0.0)
+    serve(fair, "light", 20, now=0.0)  # more service than any flooder: its share does not matter, its queue does
+    assert fair.next_client(queued(a=32, b=32, c=30, d=31, light=1), now=0.1) == b"light"
 
 
-def test_a_flooder_gains_nothing_by_putting_deadlines_on_its_requests():
+def test_between_clients_with_as_many_queued_the_least_served_goes_first():
     fair = FairBatcher(max_batch=16)
-    serve(fair, "flooder", 50, now=0.0)
-    serve(fair, "other", 10, now=0.0)
+    serve(fair, "busy", 50, now=0.0)
     serve(fair, "quiet", 1, now=0.0)
-    # the flooder is above the mean service: its deadline does not put it first; the least served goes first
-    assert fair.next_client(queued(flooder=1.0, other=None, quiet=None), now=0.0) == b"quiet"
+    assert fair.next_client(queued(busy=3, quiet=3), now=0.0) == b"quiet"
+    assert fair.next_client(queued(busy=2, quiet=3), now=0.0) == b"busy"
 
 
 def test_equal_clients_alternate_and_service_decays():
     fair = FairBatcher(max_batch=16)
     order = []
     for _ in range(6):
-        client = fair.next_client(queued(x=None, y=None), now=0.0)
+        client = fair.next_client(queued(x=1, y=1), now=0.0)
         fair.charge(client, now=0.0)
         order.append(client)
     assert order.count(b"x") == order.count(b"y") == 3
