@@ -46,7 +46,8 @@ from rtdiff.runtime.fairness import FairBatcher
 from rtdiff.runtime.service import check_arrays, check_request, check_service, describe
 from rtdiff.runtime.stats import percentiles
 from rtdiff.runtime.workers import ModelWorker
-from rtdiff_client.protocol import ERRORS, OPS, Limits, Message, ProtocolError, _request_id, decode, error_reply, reply
+from rtdiff_client.protocol import (ERRORS, OPS, Limits, Message, ProtocolError, _request_id, decode, error_reply,
+                                    recv_frames, reply, send_frames)
 
 log = logging.getLogger("rtdiff.server")
 
@@ -251,7 +252,7 @@ class Server:
 
     def _send(self, envelope: list, frames: list) -> bool:
         try:
-            self.socket.send_multipart([*envelope, *frames], flags=_NOBLOCK, copy=False)
+            send_frames(self.socket, [*envelope, *frames], _NOBLOCK, copy=False)
             return True
         except zmq.Again:  # the client's queue is full: it is not reading
             self.stats.counts["replies_dropped_full"] += 1
@@ -324,7 +325,7 @@ class Server:
         # (ZeroMQ fair-queues the peers, so every client's next message is among the next few reads).
         for _ in range(READS_PER_TURN):
             try:
-                frames = self.socket.recv_multipart(_NOBLOCK)
+                frames = recv_frames(self.socket, _NOBLOCK)
             except zmq.Again:
                 break
             # asked once per message: whether the loop reads on, and whether `_idle` may compute a request now

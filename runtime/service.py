@@ -58,8 +58,7 @@ class ArraySpec:
                                              f"{array.dtype.name}{list(array.shape)}")
         if not self._fixed:  # a fixed shape was compared whole above
             self._check_dimensions(array, sizes)
-        # the ufunc's own reduce: ndarray.all() goes through a Python wrapper, which costs on every request
-        if self.finite and self._dtype.kind == "f" and not np.logical_and.reduce(np.isfinite(array), axis=None):
+        if self.finite and self._dtype.kind == "f" and not _all_finite(array):
             raise ProtocolError("non_finite", f"{self.name} holds NaN or infinity")
 
     def _check_dimensions(self, array: np.ndarray, sizes: dict[str, int]) -> None:
@@ -76,6 +75,18 @@ class ArraySpec:
             if size < 1 or (limit is not None and size > limit):
                 raise ProtocolError("bad_array", f"{self.name}: dimension {expected!r} must be in [1, {limit}], "
                                                  f"got {size}")
+
+
+SMALL_ARRAY = 256  # elements; below it the finiteness check runs on a Python list
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """Whether a float array holds no NaN or infinity. A policy's observation is a handful of numbers, and
+    numpy's ufunc machinery costs several times more than the check itself when the core has just woken (measured
+    on the serve path, benchmarks/RESULTS.md): small arrays are checked as a list."""
+    if array.size <= SMALL_ARRAY:
+        return all(map(math.isfinite, array.ravel().tolist()))
+    return bool(np.logical_and.reduce(np.isfinite(array), axis=None))  # the ufunc's reduce: no Python wrapper
 
 
 @dataclass(frozen=True)

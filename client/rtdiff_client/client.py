@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from rtdiff_client.protocol import decode_reply, request
+from rtdiff_client.protocol import decode_reply, recv_frames, request, send_frames
 
 _NOBLOCK, _RCVTIMEO = int(zmq.NOBLOCK), int(zmq.RCVTIMEO)  # plain ints: pyzmq's enums cost on every call
 
@@ -84,7 +84,7 @@ class Client:
             self.socket.setsockopt(_RCVTIMEO, wanted)
             self._receive_timeout_ms = wanted
         try:
-            return self.socket.recv_multipart(flags)
+            return recv_frames(self.socket, flags)
         except zmq.Again:
             return None
 
@@ -110,7 +110,7 @@ class Client:
         """Send one request without waiting; returns its id for `result`."""
         request_id = next(self._ids) if request_id is None else request_id
         frames = request(op, request_id, model or self.model, arrays, deadline_ms, **params)
-        self.socket.send_multipart(frames, copy=False)
+        send_frames(self.socket, frames, copy=False)
         return request_id
 
     def result(self, request_id, timeout_ms: float | None = None) -> Reply:
