@@ -153,9 +153,10 @@ def check_arrays(specs: tuple[ArraySpec, ...], arrays: dict[str, np.ndarray]) ->
 
 
 def check_params(specs: dict[str, ParamSpec], params: dict, ignore: tuple[str, ...] = ()) -> None:
-    unknown = sorted(set(params) - set(specs) - set(ignore))
+    unknown = [name for name in params if name not in specs and name not in ignore]
     if unknown:
-        raise ProtocolError("unsupported", f"unknown params {unknown}; this model takes {sorted(specs) or 'none'}")
+        raise ProtocolError("unsupported", f"unknown params {sorted(unknown)}; this model takes "
+                                           f"{sorted(specs) or 'none'}")
     for name, spec in specs.items():
         if name in params:
             spec.check(name, params[name])
