@@ -1,14 +1,13 @@
 """The server's scheduling policy (runtime/fairness.py) on its own: who goes next, and how big a batch may be."""
 
 from collections import deque
-from types import SimpleNamespace
 
 from rtdiff.runtime.fairness import HALF_LIFE_S, FairBatcher
 
 
 def queued(**clients):
-    """client name -> a deque of that many requests (each a stand-in with no deadline)."""
-    return {name.encode(): deque([SimpleNamespace(deadline=None)] * count) for name, count in clients.items()}
+    """client name -> a deque of that many queued requests (stand-ins: only their number counts)."""
+    return {name.encode(): deque(range(count)) for name, count in clients.items()}
 
 
 def serve(fair: FairBatcher, client: str, times: int, now: float) -> None:
