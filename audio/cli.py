@@ -1,0 +1,134 @@
+"""`rtdiff audio ...`: the audio modality's subcommands.
+
+    rtdiff audio generate --model music-tiny --prompt "a fast high melody with drums" --seconds 10 --out song.wav
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rtdiff.runtime.cli import add_run_arguments, write_json
+
+
+def load_music_model(name_or_path: str):
+    """A MusicLDM checkpoint by bundled name or folder; another modality's checkpoint is refused by name."""
+    from rtdiff.audio.components import MusicLDM
+    from rtdiff.runtime.checkpoints import checkpoint_format, load_checkpoint
+
+    fmt, folder = checkpoint_format(name_or_path)
+    if fmt.modality != "audio":
+        raise ValueError(f"{folder} is a {fmt.modality} checkpoint ({fmt.name}), not a music model")
+    model = load_checkpoint(folder)
+    assert isinstance(model, MusicLDM)
+    return model
+
+
+def read_latents(path: str):
+    """Initial noise from a .npy file (never unpickled)."""
+    import numpy as np
+    import torch
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--latents {path}: not a readable .npy array ({error})") from None
+    if array.dtype.kind != "f":
+        raise ValueError(f"--latents {path}: dtype {array.dtype} is not floating point")
+    if array.ndim == 3:
+        array = array[None]
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def cmd_generate(args) -> None:
+    import numpy as np
+    import torch
+
+    from rtdiff.audio.pipeline import TextToMusic
+    from rtdiff.runtime.accel import AcceleratorSpec, parse_options
+
+    torch.set_num_threads(args.threads)
+    if args.backend != "torch":
+        raise NotImplementedError(f"backend {args.backend!r} is not built for audio yet: only torch runs MusicLDM")
+    options = parse_options(args.accel, args.accel_option)
+    accelerator = AcceleratorSpec(args.accel, options)()
+    started = time.perf_counter()
+    model = load_music_model(args.model)
+    load_ms = (time.perf_counter() - started) * 1e3
+    pipeline = TextToMusic(model)
+    latents = read_latents(args.latents) if args.latents else None
+    negative = [args.negative_prompt] if args.negative_prompt is not None else None
+    started = time.perf_counter()
+    music = pipeline.generate([args.prompt], args.seconds, steps=args.steps, solver=args.solver,
+                              guidance=args.guidance, negative_prompts=negative,
+                              generator=torch.Generator().manual_seed(args.seed), latents=latents,
+                              accelerator=accelerator, progress=not args.quiet)
+    wall_ms = (time.perf_counter() - started) * 1e3
+    wave = music.wave[0].numpy()
+    write_wav(args.out, wave, music.sample_rate)
+    if args.save_npz:
+        Path(args.save_npz).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.save_npz, latent=music.latent[0].numpy(), mel=music.mel[0].numpy(), wave=wave)
+    if args.plot:
+        plot_mel(args.plot, music.mel[0, 0].numpy(), model.hop_length / model.sample_rate, args.prompt)
+    report = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt,
+              "seconds": args.seconds, "samples": int(wave.shape[0]), "sample_rate": music.sample_rate,
+              "solver": args.solver, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+              "accel": args.accel, "accel_options": options, "threads": args.threads,
+              "load_ms": load_ms, "wall_ms": wall_ms, "stage_ms": music.stage_ms,
+              "model_calls": music.accel_stats.get("model_calls"),
+              "block_evals_fraction": music.accel_stats.get("block_evals_fraction"),
+              "real_time_factor": wall_ms / 1e3 / args.seconds}
+    write_json(args.json, report)
+    print(f"wrote {args.out}: {wave.shape[0] / music.sample_rate:.2f} s at {music.sample_rate} Hz in "
+          f"{wall_ms / 1e3:.2f} s ({', '.join(f'{k} {v:.0f} ms' for k, v in music.stage_ms.items())})")
+
+
+def write_wav(path: str, wave, sample_rate: int) -> None:
+    import soundfile
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, wave, sample_rate, subtype="FLOAT")
+
+
+def plot_mel(path: str, mel, seconds_per_frame: float, title: str) -> None:
+    """The log-mel spectrogram, time along x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(10, 3.2))
+    image = axes.imshow(mel.T, origin="lower", aspect="auto", cmap="magma",
+                        extent=(0, mel.shape[0] * seconds_per_frame, 0, mel.shape[1]))
+    axes.set_xlabel("time (s)")
+    axes.set_ylabel("mel bin")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, label="log-mel")
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def add_commands(commands) -> None:
+    audio = commands.add_parser("audio", help="text-to-music (MusicLDM): generate, train, measure")
+    verbs = audio.add_subparsers(dest="audio_command", required=True)
+
+    generate = verbs.add_parser("generate", help="generate music from a prompt into a wav file")
+    generate.add_argument("--model", default="music-tiny", help="bundled name or MusicLDM folder (diffusers layout)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--negative-prompt")
+    generate.add_argument("--seconds", type=float, default=10.0)
+    generate.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1: off)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--latents", metavar="NOISE.npy", help="the initial noise (B=1, C, T, F), as diffusers' latents=")
+    add_run_arguments(generate, backend="torch")
+    generate.set_defaults(solver="dpmpp", steps=50)  # ddim | dpmpp; MusicLDM's own default is DDIM 200
+    generate.add_argument("--threads", type=int, default=2)
+    generate.add_argument("--out", required=True, metavar="OUT.wav")
+    generate.add_argument("--save-npz", metavar="OUT.npz", help="latent, mel and wave exactly as produced")
+    generate.add_argument("--json", metavar="OUT.json", help="wall ms per stage, model calls, block fraction")
+    generate.add_argument("--plot", metavar="OUT.png", help="the log-mel spectrogram")
+    generate.add_argument("--quiet", action="store_true", help="no progress bar")
+    generate.set_defaults(run=cmd_generate)
