@@ -132,3 +132,16 @@ def add_commands(commands) -> None:
     generate.add_argument("--plot", metavar="OUT.png", help="the log-mel spectrogram")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(run=cmd_generate)
+
+    from rtdiff.audio.train import TRAINERS, cmd_train
+
+    train = verbs.add_parser("train", help="train one component of music-tiny on synthetic music (CPU)")
+    train.add_argument("component", choices=sorted(TRAINERS))
+    train.add_argument("--out", required=True, help="the MusicLDM folder the component is written into")
+    train.add_argument("--steps", type=int, default=2000)
+    train.add_argument("--clips", type=int, default=2000, help="synthetic clips to train on")
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--init", action="store_true", help="go on from the component already in --out")
+    train.set_defaults(run=cmd_train)

@@ -175,11 +175,13 @@ class TransformerDenoiser(nn.Module):
         return blocks
 
 
-def _select_feed_forward_tokens(args: tuple, tokens: torch.Tensor) -> tuple:
+# The token grid is the action chunk itself: a token index is a position of the block's output.
+
+def _select_feed_forward_tokens(args: tuple, tokens: torch.Tensor, grid=None) -> tuple[tuple, torch.Tensor]:
     x, cond = args
-    return x[:, tokens], cond
+    return (x[:, tokens], cond), tokens
 
 
-def _select_cross_attention_tokens(args: tuple, tokens: torch.Tensor) -> tuple:
+def _select_cross_attention_tokens(args: tuple, tokens: torch.Tensor, grid=None) -> tuple[tuple, torch.Tensor]:
     x, cond, memory, mask = args
-    return x[:, tokens], cond, memory, None if mask is None else mask[tokens]
+    return (x[:, tokens], cond, memory, None if mask is None else mask[tokens]), tokens

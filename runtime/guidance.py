@@ -32,6 +32,13 @@ class ClassifierFreeGuidance:
         """Accelerators bind through the wrapper to the model's own blocks."""
         return block_hooks(self.denoiser)
 
+    def __getattr__(self, name: str):
+        # what the model declares for token-wise compute (its token-wise blocks, its token layout) shows
+        # through: both passes share the sample, so a token is stable or not for both
+        if name in ("tokenwise_blocks", "token_layout"):
+            return getattr(self.denoiser, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def _unconditional(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         missing = set(self.uncond) - set(cond)
         if missing:

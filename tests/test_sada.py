@@ -161,7 +161,9 @@ def test_partial_call_recomputes_named_tokens_and_serves_the_rest_from_cache(tra
         assert hooks.cache.evaluated - before == pytest.approx(n_self + len(tokenwise) * 2 / 6)
     assert set(tokenwise) == {n for n in everything if not n.endswith("self_attn")}
     for name in tokenwise:
-        fresh = type(blocks[name]).forward(blocks[name], *tokenwise[name](inputs[name], tokens))
+        selected, positions = tokenwise[name](inputs[name], tokens, (6,))
+        assert torch.equal(positions, tokens)
+        fresh = type(blocks[name]).forward(blocks[name], *selected)
         torch.testing.assert_close(partial[name][:, tokens], fresh, rtol=0, atol=0)
         torch.testing.assert_close(partial[name][:, others], stale[name][:, others], rtol=0, atol=0)
     for name in everything - set(tokenwise):  # blocks that mix tokens always run in full
@@ -177,7 +179,8 @@ def test_selected_cross_attention_equals_full_cross_attention_at_those_tokens(tr
     tokens = torch.tensor([0, 2, 5])
     full = block(x, cond, memory, denoiser.memory_mask)
     assert full.abs().max() > 0
-    torch.testing.assert_close(block(*select((x, cond, memory, denoiser.memory_mask), tokens)), full[:, tokens])
+    selected, positions = select((x, cond, memory, denoiser.memory_mask), tokens, (6,))
+    torch.testing.assert_close(block(*selected), full[:, positions])
 
 
 def test_sada_plans_partial_calls_and_refreshes_after_max_partial(transformer):

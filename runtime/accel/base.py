@@ -52,7 +52,8 @@ class Accelerator:
     def __init__(self):
         self.hooks = None  # the model's shared hooks (or an exported backend's), while bound
         self.cache: BlockCache | None = None  # this request's block outputs
-        self.tokens: torch.Tensor | None = None  # set by plan_step when it answers PARTIAL
+        self.tokens: torch.Tensor | None = None  # set by plan_step when it answers PARTIAL: flat grid indices
+        self.token_grid: tuple[int, ...] | None = None  # the shape of the token grid they index
         self.solver: Solver | None = None
         self.model_calls = 0
         self.steps = 0
@@ -87,7 +88,7 @@ class Accelerator:
         self.model_calls += 1
         if self.cache is not None:
             compute = {name for name in self.cache.names if self.should_compute(name, i)}
-            self.cache.set_step(compute, self.tokens)
+            self.cache.set_step(compute, self.tokens, self.token_grid)
 
     def calling_model(self):
         """Context for one model call: this request's cache is the one the model's blocks see."""

@@ -68,7 +68,7 @@ class BACWithSADA(Accelerator):
 
     def plan_step(self, i: int, x: torch.Tensor, history: History) -> str:
         plan = self.skipper.plan_step(i, x, history)
-        self.tokens = self.skipper.tokens
+        self.tokens, self.token_grid = self.skipper.tokens, self.skipper.token_grid
         return plan
 
     def should_compute(self, block: str, i: int) -> bool:

@@ -15,9 +15,14 @@ stores whatever it returned.
 Token-wise compute: a model may also list, in `tokenwise_blocks()`, the blocks
 whose output at a token depends only on that token's input (a feed-forward
 branch, a cross-attention branch whose queries are the tokens), each with a
-function that cuts its inputs down to a set of token positions (dim 1). When
-the accelerator names tokens for a model call, those blocks run on the named
-tokens only and the rest of their output comes from the cache.
+function `select(args, tokens, grid) -> (args, positions)`. The accelerator
+names tokens as flat indices into the sample's token grid (`grid`, its shape:
+a policy's action positions, a spectrogram latent's time x frequency cells, as
+the model's `token_layout` arranges the sample); `select` cuts the block's
+inputs down and says which of the block's own positions (dim 1 of its output)
+they are, which at a coarser resolution of a UNet are the cells covering the
+named ones. When the accelerator names tokens for a model call, those blocks run
+on those positions only and the rest of their output comes from the cache.
 """
 
 from __future__ import annotations
@@ -60,19 +65,21 @@ class BlockCache:
     branch: str = "main"
     compute: set[str] = field(default_factory=set)  # the blocks to run at the current model call
     tokens: torch.Tensor | None = None  # token positions token-wise blocks compute at this call (None: all)
-    token_inputs: dict = field(default_factory=dict)  # block name -> (args, token index) -> the token's args
+    token_grid: tuple[int, ...] | None = None  # the shape of the grid `tokens` index, flattened
+    token_inputs: dict = field(default_factory=dict)  # block name -> select(args, tokens, grid) -> (args, positions)
     evaluated: float = 0.0  # block forwards run (a token-wise forward counts its fraction of the tokens)
     requested: int = 0  # block forwards asked for (run or served from the cache)
     recorder: dict[str, list[torch.Tensor]] | None = None  # calibration: every computed output, in order
 
-    def set_step(self, compute: set[str], tokens: torch.Tensor | None = None) -> None:
+    def set_step(self, compute: set[str], tokens: torch.Tensor | None = None,
+                 grid: tuple[int, ...] | None = None) -> None:
         must_exist = [name for name in self.names if name not in compute]
         if tokens is not None:
             must_exist += [name for name in compute if name in self.token_inputs]
         missing = [name for name in must_exist if name not in self.outputs]
         if missing:
             raise RuntimeError(f"blocks {missing} must be computed in full before their cache can serve them")
-        self.compute, self.tokens = compute, tokens
+        self.compute, self.tokens, self.token_grid = compute, tokens, grid
 
     @property
     def outputs(self) -> dict[str, torch.Tensor]:
@@ -141,17 +148,27 @@ class CacheHooks:
                 return cache.outputs[name]
             if cache.tokens is not None and name in cache.token_inputs:
                 output = cache.outputs[name].clone()
-                output[:, cache.tokens] = forward(*cache.token_inputs[name](args, cache.tokens))
-                cache.evaluated += len(cache.tokens) / output.shape[1]
+                selected, positions = cache.token_inputs[name](args, cache.tokens, cache.token_grid)
+                output[:, positions] = forward(*selected)
+                cache.evaluated += len(positions) / output.shape[1]
             else:
                 output = forward(*args, **kwargs)
                 cache.evaluated += 1
             cache.outputs[name] = output
             if cache.recorder is not None:
-                cache.recorder.setdefault(name, []).append(output.detach().clone())
+                cache.recorder.setdefault(name, []).append(_as_one_tensor(output))
             return output
 
         return cached_forward
+
+
+def _as_one_tensor(output) -> torch.Tensor:
+    """A block's output for calibration: a stage that returns several tensors (a UNet's down stage: its output
+    and its skip connections) is recorded as all of them, flattened per batch row and joined."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().clone()
+    return torch.cat([t.detach().flatten(1) for t in output if isinstance(t, torch.Tensor)] +
+                     [u.detach().flatten(1) for t in output if isinstance(t, (tuple, list)) for u in t], dim=1)
 
 
 _INSTALLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # denoiser -> its one set of CacheHooks

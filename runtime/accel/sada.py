@@ -17,7 +17,9 @@ trajectory and never more than `max_consecutive` in a row.
 
 Token-wise: when the step as a whole is not stable (or may not be skipped) and
 the model lists token-wise blocks, the same score averaged over channels marks
-each token (for a policy, each action position of the chunk). The call is
+each token: for a policy each action position of the chunk, for a model that
+says otherwise in `token_layout(x) -> (B, *grid, channels)` each cell of its
+grid (a spectrogram latent's time x frequency cells, whatever its aspect). The call is
 PARTIAL: token-wise blocks (feed-forward, cross-attention) recompute only the
 unstable tokens (score > token_threshold) and take the rest from the cache;
 blocks that mix tokens (self-attention) always run. After `max_partial`
@@ -85,10 +87,12 @@ class StabilitySkip(Accelerator):
         self._partial_run = 0
         self._drifts: dict[int, torch.Tensor] = {}
         self._coefficients: list[tuple[float, float]] = []  # per step n: f_n = a_n x_n + b_n eps_n
+        self._token_layout = None
 
     def bind(self, denoiser) -> StabilitySkip:
         # The block cache is needed only to serve the tokens a partial call leaves out.
         self.uses_block_cache = self.tokenwise and self.max_partial > 0 and hasattr(denoiser, "tokenwise_blocks")
+        self._token_layout = getattr(denoiser, "token_layout", None)
         return super().bind(denoiser)
 
     def begin(self, solver: Solver) -> None:
@@ -109,7 +113,7 @@ class StabilitySkip(Accelerator):
         return plan
 
     def _plan(self, i: int, x: torch.Tensor, history: History) -> str:
-        self.tokens = None
+        self.tokens = self.token_grid = None
         steps = len(self.solver.timesteps)
         if not (self.window[0] * steps <= i < self.window[1] * steps) or i < 3:
             return FULL
@@ -119,11 +123,12 @@ class StabilitySkip(Accelerator):
         if not (may_skip or may_be_partial):
             return FULL
         scores = self.token_scores(i, x, history)
-        if may_skip and scores.mean(1).max() <= self.threshold:
+        if may_skip and scores.flatten(1).mean(1).max() <= self.threshold:
             return SKIP
         if not may_be_partial:
             return FULL
-        worst = scores.max(0).values
+        self.token_grid = tuple(scores.shape[1:])
+        worst = scores.flatten(1).max(0).values
         unstable = torch.nonzero(worst > self.token_threshold).flatten()
         if len(unstable) == len(worst):
             return FULL
@@ -132,10 +137,11 @@ class StabilitySkip(Accelerator):
 
     def stability_score(self, i: int, x: torch.Tensor, history: History) -> torch.Tensor:
         """mean(r * d2f) per trajectory in the batch, for the step from i-1 to i."""
-        return self.token_scores(i, x, history).mean(1)
+        return self.token_scores(i, x, history).flatten(1).mean(1)
 
     def token_scores(self, i: int, x: torch.Tensor, history: History) -> torch.Tensor:
-        """r * d2f averaged over channels: (batch, tokens), tokens being dim 1 of the sample.
+        """r * d2f averaged over channels: (batch, *grid), the grid being dim 1 of the sample unless the model's
+        `token_layout` arranges it otherwise.
 
         On a flow model the drift is the velocity itself, time is sigma, and the score takes the velocity's
         negative second difference (SADA's flow-matching criterion)."""
@@ -145,7 +151,10 @@ class StabilitySkip(Accelerator):
         curvature = f[0] - 2 * f[1] + f[2]
         if self._flow:
             curvature = -curvature
-        return (residual * curvature).flatten(2).mean(2)
+        score = residual * curvature
+        if self._token_layout is not None:
+            return self._token_layout(score).mean(-1)
+        return score.flatten(2).mean(2)
 
     @property
     def _flow(self) -> bool:
