@@ -44,14 +44,15 @@ def cmd_generate(args) -> None:
     import numpy as np
     import torch
 
+    from rtdiff.audio.accelerate import music_accelerator_spec
     from rtdiff.audio.pipeline import TextToMusic
-    from rtdiff.runtime.accel import AcceleratorSpec, parse_options
+    from rtdiff.runtime.accel import parse_options
 
     torch.set_num_threads(args.threads)
     if args.backend != "torch":
         raise NotImplementedError(f"backend {args.backend!r} is not built for audio yet: only torch runs MusicLDM")
     options = parse_options(args.accel, args.accel_option)
-    accelerator = AcceleratorSpec(args.accel, options)()
+    accelerator = music_accelerator_spec(args.accel, args.model, args.solver, args.steps, options)()
     started = time.perf_counter()
     model = load_music_model(args.model)
     load_ms = (time.perf_counter() - started) * 1e3
@@ -82,6 +83,24 @@ def cmd_generate(args) -> None:
     write_json(args.json, report)
     print(f"wrote {args.out}: {wave.shape[0] / music.sample_rate:.2f} s at {music.sample_rate} Hz in "
           f"{wall_ms / 1e3:.2f} s ({', '.join(f'{k} {v:.0f} ms' for k, v in music.stage_ms.items())})")
+
+
+def cmd_calibrate(args) -> None:
+    import torch
+
+    from rtdiff.audio.accelerate import calibrate_music_bac
+    from rtdiff.audio.pipeline import TextToMusic
+    from rtdiff.audio.train import command_line
+
+    torch.set_num_threads(args.threads)
+    sada = {"window": tuple(args.sada_window), "max_consecutive": args.sada_max_consecutive} \
+        if args.method == "bac+sada" else None
+    pipeline = TextToMusic(load_music_model(args.model))
+    schedule, path = calibrate_music_bac(args.model, pipeline, args.solver, args.steps, args.fraction,
+                                         prompts=args.prompts, seed=args.seed, guidance=args.guidance, sada=sada,
+                                         out=args.out, command=command_line(), seconds=args.seconds)
+    print(f"wrote {path}: {args.method} at {args.solver} {args.steps}, block evaluations "
+          f"{schedule['block_evals_fraction']:.3f}, final-latent error {schedule['output_error']:.3g}")
 
 
 def write_wav(path: str, wave, sample_rate: int) -> None:
@@ -132,6 +151,22 @@ def add_commands(commands) -> None:
     generate.add_argument("--plot", metavar="OUT.png", help="the log-mel spectrogram")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(run=cmd_generate)
+
+    calibrate = verbs.add_parser("calibrate", help="calibrate a BAC block schedule on prompts")
+    calibrate.add_argument("method", choices=["bac", "bac+sada"])
+    calibrate.add_argument("--model", default="music-tiny")
+    calibrate.add_argument("--solver", choices=["ddim", "dpmpp"], default="dpmpp")
+    calibrate.add_argument("--steps", type=int, default=50)
+    calibrate.add_argument("--fraction", type=float, required=True, help="at most this fraction of block evaluations")
+    calibrate.add_argument("--prompts", type=int, default=2, help="training captions to calibrate on")
+    calibrate.add_argument("--guidance", type=float, default=2.0)
+    calibrate.add_argument("--seconds", type=float, default=2.56, help="length of the calibration clips")
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--sada-window", type=float, nargs=2, default=(0.1, 0.97), metavar=("LO", "HI"))
+    calibrate.add_argument("--sada-max-consecutive", type=int, default=2)
+    calibrate.add_argument("--threads", type=int, default=2)
+    calibrate.add_argument("--out", help="schedule JSON (default: beside the checkpoint; the cache for a bundled one)")
+    calibrate.set_defaults(run=cmd_calibrate)
 
     from rtdiff.audio.train import TRAINERS, cmd_train
 

@@ -8,25 +8,18 @@ import numpy as np
 import torch
 
 from rtdiff.policies.checkpoint import load_policy
-from rtdiff.runtime.accel import SCHEDULED, AcceleratorSpec, make_accelerator
+from rtdiff.runtime.accel import make_accelerator
+from rtdiff.runtime.accel.schedules import accelerator_spec, default_schedule_path
 from rtdiff.runtime.accel.bac import (
     FORMAT,
     calibrate,
     calibrate_to_fraction,
-    load_schedule,
     plot_schedule,
     record_block_outputs,
     save_schedule,
     step_sensitivity,
 )
-from rtdiff.runtime.checkpoints import (
-    bundled,
-    cached_schedule_path,
-    checkpoint_hash,
-    find_schedule,
-    resolve,
-    schedule_path,
-)
+from rtdiff.runtime.checkpoints import checkpoint_hash
 from rtdiff.runtime.accel.base import Accelerator
 from rtdiff.runtime.accel.hooks import feed_forward_blocks
 from rtdiff.runtime.accel.composed import skip_lattice
@@ -134,36 +127,11 @@ def calibrate_bac(checkpoint: str, solver_name: str | None, steps: int | None, b
     return schedule, path
 
 
-def default_schedule_path(checkpoint: str, solver_name: str, steps: int, method: str = "bac") -> Path:
-    """Where `rtdiff calibrate` writes without --out: beside a user's checkpoint, and for a bundled one into the
-    cache directory (the source tree is never written); `find_schedule` looks in the cache first."""
-    if resolve(checkpoint) in bundled().values():
-        return cached_schedule_path(checkpoint, solver_name, steps, method)
-    return schedule_path(checkpoint, solver_name, steps, method)
-
-
 def task_demos(policy) -> Path:
     """The demonstrations of the task a policy was trained for: what calibration draws observations from."""
     from rtdiff.sims.tasks import get_task
 
     return get_task(policy.config.task).demos
-
-
-def accelerator_spec(name: str, checkpoint: str, solver_name: str, steps: int, options: dict | None = None,
-                     schedule: dict | None = None) -> AcceleratorSpec:
-    """How to make the named accelerator for a checkpoint, once per request; `bac` and `bac+sada` read their own
-    schedule (the cache's, else the one shipped beside the checkpoint) unless given one."""
-    if name in SCHEDULED and schedule is None:
-        path = find_schedule(checkpoint, solver_name, steps, name)
-        if path is None:
-            raise FileNotFoundError(
-                f"no {name} schedule for {checkpoint} at {solver_name} {steps} steps: run `rtdiff calibrate "
-                f"{name} --checkpoint {checkpoint} --solver {solver_name} --steps {steps} --fraction F`")
-        schedule = load_schedule(path)
-    if schedule is not None and name not in SCHEDULED:
-        raise ValueError(f"accelerator {name!r} takes no schedule")
-    return AcceleratorSpec(name, dict(options or {}), schedule, solver_name, steps,
-                           checkpoint_hash(checkpoint) if schedule is not None else None)
 
 
 def policy_accelerator(name: str, checkpoint: str, solver_name: str, steps: int, schedule: dict | None = None,
