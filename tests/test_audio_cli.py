@@ -67,3 +67,16 @@ def test_bad_inputs_are_named(folder, tmp_path, capsys, tiny_checkpoint):
     with pytest.raises(SystemExit):
         generate(tiny_checkpoint, tmp_path / "x.wav")
     assert "not a music model" in capsys.readouterr().err
+
+
+def test_calibrate_writes_a_schedule_that_generate_uses(folder, tmp_path, capsys):
+    main(["audio", "calibrate", "bac", "--model", str(folder), "--steps", "6", "--fraction", "0.5",
+          "--seconds", str(SECONDS), "--out", str(folder / "bac-dpmpp-6.json")])
+    schedule = json.loads((folder / "bac-dpmpp-6.json").read_text())
+    assert schedule["block_evals_fraction"] <= 0.5 and schedule["checkpoint_sha256"]
+    generate(folder, tmp_path / "bac.wav", "--steps", "6", "--accel", "bac", "--json", str(tmp_path / "bac.json"))
+    report = json.loads((tmp_path / "bac.json").read_text())
+    assert report["block_evals_fraction"] <= 0.5 and report["accel"] == "bac"
+    with pytest.raises(SystemExit):  # no schedule for 7 steps: the error names the command that makes one
+        generate(folder, tmp_path / "x.wav", "--steps", "7", "--accel", "bac")
+    assert "rtdiff audio calibrate bac" in capsys.readouterr().err

@@ -36,3 +36,25 @@ def test_the_core_imports_no_modality_and_no_sim(tmp_path):
     result = _python(CORE_CHECK, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert int(result.stdout.split()[-1]) >= 20  # every module of runtime/ and export/ was imported
+
+
+MODALITY_CHECK = """
+import importlib, pkgutil, sys
+import {package}
+names = [m.name for m in pkgutil.walk_packages({package}.__path__, "{package}.")]
+for name in sorted(names):
+    importlib.import_module(name)
+    loaded = sorted(m for m in sys.modules if m.startswith({others}))
+    if loaded:
+        print(f"{{name}} loaded {{loaded}}")
+        sys.exit(1)
+print(len(names))
+"""
+
+
+def test_a_modality_imports_no_other_modality(tmp_path):
+    for package, others in (("rtdiff.audio", ("rtdiff.policies", "rtdiff.sims", "rtdiff.video")),
+                            ("rtdiff.policies", ("rtdiff.audio", "rtdiff.video"))):
+        result = _python(MODALITY_CHECK.format(package=package, others=others), tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert int(result.stdout.split()[-1]) >= 8, package

@@ -74,3 +74,16 @@ def test_accelerators_run_a_guided_trajectory(pipeline, name, options):
     assert not torch.equal(music.latent, reference.latent)
     if name == "sada" and options.get("tokenwise"):
         assert stats["partial_steps"] > 0 and stats["model_calls"] == 12
+
+
+def test_bac_with_sada_partial_calls_use_the_latent_grid(pipeline):
+    from rtdiff.runtime.accel.bac import FORMAT
+
+    names = [block.name for block in pipeline.denoiser.cache_blocks()]
+    schedule = {"format": FORMAT, "steps": 12, "solver": "dpmpp", "blocks": {n: [0, 4, 8] for n in names},
+                "skippable": []}
+    accelerator = make_accelerator("bac+sada", schedule=schedule, solver="dpmpp", steps=12, tokenwise=True,
+                                   threshold=-1e30, token_threshold=0.0)
+    music = pipeline.generate(["a calm organ in major"], 0.05, steps=12, solver="dpmpp", accelerator=accelerator,
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(music.wave).all() and accelerator.stats()["partial_steps"] > 0

@@ -79,3 +79,18 @@ def test_a_seed_draws_the_initial_noise_diffusers_draws(folder):
     latent, _, wave = diffusers_run(folder, "ddim", prompts, None, None, 6, 2.0, torch.Generator().manual_seed(3))
     assert_close_to_scale(ours.latent, latent, "latent")
     assert_close_to_scale(ours.wave, wave, "waveform")
+
+
+def test_the_bundled_model_is_a_musicldm_that_diffusers_runs_alike():
+    from rtdiff.runtime.checkpoints import resolve
+
+    folder = resolve("music-tiny")
+    prompts = ["a fast high piano melody in major with drums"]
+    pipeline = TextToMusic(load_musicldm(folder))
+    latents = pipeline.initial_latents(1, 0.64, torch.Generator().manual_seed(0))
+    ours = pipeline.generate(prompts, 0.64, steps=5, solver="dpmpp", latents=latents)
+    latent, mel, wave = diffusers_run(folder, "dpmpp", prompts, None, latents, 5, 2.0)
+    assert ours.wave.shape == wave.shape == (1, 10240)
+    assert_close_to_scale(ours.latent, latent, "latent")
+    assert_close_to_scale(ours.mel.squeeze(1), mel, "mel")
+    assert_close_to_scale(ours.wave, wave, "waveform")

@@ -56,6 +56,7 @@ class BACWithSADA(Accelerator):
             self.bac.bind(denoiser)
             self.hooks = self.skipper.hooks = self.bac.hooks
             self.cache = self.skipper.cache = self.bac.cache
+            self.skipper.bind(denoiser)  # reads the model's token layout; the shared cache stays its cache
         return self
 
     def unbind(self) -> None:

@@ -167,8 +167,15 @@ def _as_one_tensor(output) -> torch.Tensor:
     and its skip connections) is recorded as all of them, flattened per batch row and joined."""
     if isinstance(output, torch.Tensor):
         return output.detach().clone()
-    return torch.cat([t.detach().flatten(1) for t in output if isinstance(t, torch.Tensor)] +
-                     [u.detach().flatten(1) for t in output if isinstance(t, (tuple, list)) for u in t], dim=1)
+    return torch.cat([t.detach().flatten(1) for t in _tensors(output)], dim=1)
+
+
+def _tensors(output):
+    if isinstance(output, torch.Tensor):
+        yield output
+    else:
+        for item in output:
+            yield from _tensors(item)
 
 
 _INSTALLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # denoiser -> its one set of CacheHooks
