@@ -54,8 +54,9 @@ def all_training_captions() -> list[str]:
     return captions
 
 
-def stamp(component_folder: Path, command: str, report: dict) -> None:
-    """Write the reproducing command and report into the component's safetensors metadata."""
+def stamp(component_folder: Path, command: str, report: dict, init_commands: list[str] | None = None) -> None:
+    """Write the reproducing command and report into the component's safetensors metadata; a run that went on
+    from earlier weights lists the commands that made those first (`rtdiff_init_commands`, oldest first)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -64,6 +65,8 @@ def stamp(component_folder: Path, command: str, report: dict) -> None:
             metadata = dict(weights.metadata() or {})
             tensors = {name: weights.get_tensor(name) for name in weights.keys()}
         metadata.update({"format": "pt", "rtdiff_command": command, "rtdiff_report": json.dumps(report)})
+        if init_commands:
+            metadata["rtdiff_init_commands"] = json.dumps(init_commands)
         save_file(tensors, str(path), metadata=metadata)
 
 
@@ -303,10 +306,27 @@ def train_unet(out: Path, steps: int, clips_count: int, batch: int, seed: int, i
 TRAINERS = {"clap": train_clap, "vae": train_vae, "vocoder": train_vocoder, "unet": train_unet}
 
 
+COMPONENT_FOLDERS = {"clap": "text_encoder", "vae": "vae", "vocoder": "vocoder", "unet": "unet"}
+
+
+def earlier_commands(component_folder: Path) -> list[str]:
+    """The commands that made the weights a run goes on from (`--init`): theirs, then the ones before them."""
+    from safetensors import safe_open
+
+    for path in component_folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as weights:
+            metadata = weights.metadata() or {}
+        return json.loads(metadata.get("rtdiff_init_commands", "[]")) + [metadata.get("rtdiff_command", "unknown")]
+    return []
+
+
 def cmd_train(args) -> None:
     torch.set_num_threads(args.threads)
     started = time.time()
-    trainer = TRAINERS[args.component]
-    report = trainer(Path(args.out), args.steps, args.clips, args.batch_size, args.seed, args.init)
+    component_folder = Path(args.out) / COMPONENT_FOLDERS[args.component]
+    before = earlier_commands(component_folder) if args.init else []
+    report = TRAINERS[args.component](Path(args.out), args.steps, args.clips, args.batch_size, args.seed, args.init)
     report["wall_s"] = time.time() - started
+    if before:
+        stamp(component_folder, command_line(), report, init_commands=before)
     print(json.dumps({"component": args.component, **report}))
