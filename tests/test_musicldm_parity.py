@@ -26,7 +26,7 @@ def folder(tmp_path_factory):
     return build_tiny_musicldm(tmp_path_factory.mktemp("musicldm") / "tiny")
 
 
-def diffusers_run(folder, solver, prompts, negative, latents, steps, guidance, generator=None):
+def diffusers_run(folder, solver, prompts, negative, latents, steps, guidance, generator=None, seconds=SECONDS):
     """What diffusers' pipeline computes: the final latent (from its step callback), the mel (the vocoder's
     input), and the waveform it returns."""
     from diffusers import DPMSolverMultistepScheduler, MusicLDMPipeline
@@ -37,7 +37,7 @@ def diffusers_run(folder, solver, prompts, negative, latents, steps, guidance, g
     pipe.set_progress_bar_config(disable=True)
     seen = {}
     pipe.vocoder.register_forward_hook(lambda module, args, output: seen.__setitem__("mel", args[0]))
-    wave = pipe(prompts, audio_length_in_s=SECONDS, num_inference_steps=steps, guidance_scale=guidance,
+    wave = pipe(prompts, audio_length_in_s=seconds, num_inference_steps=steps, guidance_scale=guidance,
                 negative_prompt=negative, output_type="pt", generator=generator,
                 latents=latents.clone() if latents is not None else None,
                 callback=lambda i, t, x: seen.__setitem__("latent", x.clone())).audios
@@ -89,7 +89,7 @@ def test_the_bundled_model_is_a_musicldm_that_diffusers_runs_alike():
     pipeline = TextToMusic(load_musicldm(folder))
     latents = pipeline.initial_latents(1, 0.64, torch.Generator().manual_seed(0))
     ours = pipeline.generate(prompts, 0.64, steps=5, solver="dpmpp", latents=latents)
-    latent, mel, wave = diffusers_run(folder, "dpmpp", prompts, None, latents, 5, 2.0)
+    latent, mel, wave = diffusers_run(folder, "dpmpp", prompts, None, latents, 5, 2.0, seconds=0.64)
     assert ours.wave.shape == wave.shape == (1, 10240)
     assert_close_to_scale(ours.latent, latent, "latent")
     assert_close_to_scale(ours.mel.squeeze(1), mel, "mel")
