@@ -40,6 +40,12 @@ def clips_and_waves(count: int, seconds: float, seed: int):
     return clips, torch.from_numpy(np.stack(waves))
 
 
+def log_mels(waves: torch.Tensor) -> torch.Tensor:
+    """(clips, samples) -> (clips, frames, mel bins), 64 clips at a time."""
+    with torch.no_grad():
+        return torch.cat([features.log_mel(waves[i:i + 64]) for i in range(0, len(waves), 64)])
+
+
 def all_training_captions() -> list[str]:
     """Every caption a training clip can have: the tokenizer's corpus."""
     captions = []
@@ -167,7 +173,7 @@ def train_vae(out: Path, steps: int, clips_count: int, batch: int, seed: int, in
     torch.manual_seed(seed)
     model = AutoencoderKL.from_pretrained(out / "vae") if init else tiny.vae_model()
     _, waves = clips_and_waves(clips_count, CLIP_SECONDS, seed + 1)
-    mels = torch.cat([features.log_mel(waves[i:i + 64]) for i in range(0, len(waves), 64)])
+    mels = log_mels(waves)
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     model.train()
@@ -208,7 +214,7 @@ def train_vocoder(out: Path, steps: int, clips_count: int, batch: int, seed: int
     torch.manual_seed(seed)
     model = SpeechT5HifiGan.from_pretrained(out / "vocoder") if init else tiny.vocoder_model()
     _, waves = clips_and_waves(clips_count, CLIP_SECONDS, seed + 2)
-    mels = torch.cat([features.log_mel(waves[i:i + 64]) for i in range(0, len(waves), 64)])
+    mels = log_mels(waves)
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.8, 0.99))
     model.train()
@@ -256,7 +262,7 @@ def train_unet(out: Path, steps: int, clips_count: int, batch: int, seed: int, i
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     clips, waves = clips_and_waves(clips_count, CLIP_SECONDS, seed + 3)
     with torch.no_grad():
-        mels = torch.cat([features.log_mel(waves[i:i + 64]) for i in range(0, len(waves), 64)])
+        mels = log_mels(waves)
         latents = torch.cat([vae.encode(mels[i:i + 64, None]).latent_dist.mode()
                              for i in range(0, len(mels), 64)]) * vae.config.scaling_factor
         captions = sorted({c.caption(t) for c in clips for t in data.TEMPLATES})
