@@ -35,7 +35,7 @@ def calibration_prompts(count: int, seed: int) -> list[str]:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    return [data.training_captions(data.draw_clip(rng, seed=i), rng) for i in range(count)]
+    return [data.training_caption(data.draw_clip(rng, seed=i), rng) for i in range(count)]
 
 
 def music_accelerator_spec(name: str, checkpoint: str, solver: str, steps: int, options: dict | None = None):

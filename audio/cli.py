@@ -20,7 +20,8 @@ def load_music_model(name_or_path: str):
     if fmt.modality != "audio":
         raise ValueError(f"{folder} is a {fmt.modality} checkpoint ({fmt.name}), not a music model")
     model = load_checkpoint(folder)
-    assert isinstance(model, MusicLDM)
+    if not isinstance(model, MusicLDM):  # a format registered as audio that is not MusicLDM's
+        raise ValueError(f"{folder} ({fmt.name}) does not load as a MusicLDM model")
     return model
 
 

@@ -82,7 +82,7 @@ def draw_clip(rng: np.random.Generator, seed: int, held_out: bool = False, **fix
             return clip
 
 
-def training_captions(clip: Clip, rng: np.random.Generator) -> str:
+def training_caption(clip: Clip, rng: np.random.Generator) -> str:
     return clip.caption(TEMPLATES[int(rng.integers(len(TEMPLATES)))])
 
 
@@ -213,4 +213,4 @@ def dataset(count: int, seconds: float, seed: int = 0, held_out: bool = False):
     rng = np.random.default_rng(seed)
     for index in range(count):
         clip = draw_clip(rng, seed=seed * 1_000_003 + index, held_out=held_out)
-        yield clip, training_captions(clip, rng), render(clip, seconds)
+        yield clip, training_caption(clip, rng), render(clip, seconds)

@@ -135,7 +135,7 @@ def train_clap(out: Path, steps: int, clips_count: int, batch: int, seed: int, i
         cosine_lr(optimizer, step, steps, 1e-3)
         index = rng.choice(len(clips), batch, replace=False)
         chosen = [clips[i] for i in index]
-        tokens = tokenizer([data.training_captions(c, rng) for c in chosen], padding="max_length", max_length=32,
+        tokens = tokenizer([data.training_caption(c, rng) for c in chosen], padding="max_length", max_length=32,
                            truncation=True, return_tensors="pt")
         text = F.normalize(model.text_projection(model.text_model(
             input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output), dim=-1)
@@ -278,7 +278,7 @@ def train_unet(out: Path, steps: int, clips_count: int, batch: int, seed: int, i
     for step in tqdm(range(steps), desc="unet", unit="step"):
         cosine_lr(optimizer, step, steps, 1e-3)
         index = rng.choice(len(clips), batch)
-        text = torch.stack([embedding[data.training_captions(clips[i], rng)] for i in index])
+        text = torch.stack([embedding[data.training_caption(clips[i], rng)] for i in index])
         dropped = torch.from_numpy(rng.random(batch) < CFG_DROPOUT)
         text[dropped] = unconditional[0]
         x0 = latents[index]
