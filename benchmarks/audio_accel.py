@@ -37,14 +37,18 @@ CONFIGS = [
     ("uniform-2", "uniform", {"interval": 2}, None),
     ("uniform-3", "uniform", {"interval": 3}, None),
     ("uniform-4", "uniform", {"interval": 4}, None),
+    ("uniform-5", "uniform", {"interval": 5}, None),
     ("sada", "sada", {}, None),
-    ("sada-t0.05", "sada", {"threshold": 0.05}, None),
-    ("sada-t0.2", "sada", {"threshold": 0.2}, None),
+    ("sada-t0", "sada", {"threshold": 0.0}, None),  # SADA's own threshold
+    ("sada-lagrange", "sada", {"estimate": "lagrange"}, None),
+    ("sada-m3", "sada", {"max_consecutive": 3}, None),
+    ("sada-m3-lagrange", "sada", {"max_consecutive": 3, "estimate": "lagrange"}, None),
     ("sada-tokenwise", "sada", {"tokenwise": True}, None),
     ("bac-0.5", "bac", {}, 0.5),
     ("bac-0.33", "bac", {}, 0.33),
     ("bac+sada-0.5", "bac+sada", {}, 0.5),
     ("bac+sada-0.33", "bac+sada", {}, 0.33),
+    ("bac+sada-0.25", "bac+sada", {}, 0.25),
 ]
 SETTINGS = {"dpmpp-50": ("dpmpp", 50), "ddim-200": ("ddim", 200)}
 
@@ -113,7 +117,23 @@ def summarise(rows: dict, header: dict) -> dict:
                 values = [f[key] for f in row["fidelity"]]
                 entry[key] = float(np.median(values)) if key == "mel_psnr_db" else float(np.mean(values))
         results[label] = entry
+    if all("mel_psnr_db" in entry for entry in results.values()):
+        header = {**header, "sada_against_uniform": against_uniform(results)}
     return {**header, "configs": results}
+
+
+HIGHER_IS_BETTER = {"mel_psnr_db": True, "mel_ssim": True, "lsd_db": False, "mr_stft": False}
+
+
+def against_uniform(results: dict) -> dict:
+    """For each SADA setting, the uniform-caching settings it is at least as fast as, and whether it is better
+    than each of them on every fidelity metric."""
+    def better(a: dict, b: dict) -> bool:
+        return all(a[k] > b[k] if up else a[k] < b[k] for k, up in HIGHER_IS_BETTER.items())
+
+    uniform = {label: entry for label, entry in results.items() if label.startswith("uniform")}
+    return {label: {other: better(entry, u) for other, u in uniform.items() if entry["speedup"] >= u["speedup"]}
+            for label, entry in results.items() if label.startswith("sada")}
 
 
 def real_size_unet():

@@ -62,6 +62,31 @@ def test_a_skipped_step_reuses_the_last_noise_estimate_at_the_current_sample(pol
     torch.testing.assert_close(result, xs, rtol=1e-6, atol=1e-6)
 
 
+def test_lagrange_estimate_extrapolates_x0_through_the_last_three_model_calls(policy):
+    from rtdiff.runtime.accel.sada import _lagrange
+
+    timesteps = [900, 700, 500, 300]
+    quadratic = [torch.full((2,), 1.0 + 0.01 * t + 1e-5 * t * t) for t in timesteps]  # exact for a parabola
+    torch.testing.assert_close(_lagrange(timesteps, [0, 1, 2], quadratic, 3), quadratic[3])
+
+    solver = policy.make_solver("ddim", 6)
+    accelerator = make_accelerator("sada", threshold=math.inf, window=(0.5, 0.7), max_consecutive=1,
+                                   estimate="lagrange")  # step 3 only, from the model calls at 0, 1, 2
+    from rtdiff.runtime.solvers import History
+
+    history, x = History(), torch.randn(1, 8, 2)
+    accelerator.begin(solver)
+    for n in range(3):
+        history.append(solver.timesteps[n], torch.randn(1, 8, 2), torch.randn(1, 8, 2), torch.randn(1, 8, 2))
+    x0, eps = accelerator.estimate(3, x, history)
+    expected = _lagrange(solver.timesteps, [0, 1, 2], history.x0, 3)
+    if solver.config.clip_sample:
+        expected = expected.clamp(-solver.config.clip_sample_range, solver.config.clip_sample_range)
+    torch.testing.assert_close(x0, expected)
+    with pytest.raises(ValueError, match="estimate must be 'eps' or 'lagrange'"):
+        make_accelerator("sada", estimate="taylor")
+
+
 def test_batch_skips_only_when_every_trajectory_is_stable(policy):
     accelerator = make_accelerator("sada", threshold=0.0)
     solver = policy.make_solver("ddim", 10)

@@ -63,10 +63,13 @@ class SadaOptions:
     tokenwise: bool = False
     token_threshold: float | None = None
     max_partial: int = 2
+    # a skipped step's estimate: "eps" reuses the last noise estimate at the current sample; "lagrange" extrapolates
+    # x0 along the trajectory through the last three model calls (SADA's late-sampling estimate)
+    estimate: str = "eps"
 
     def __post_init__(self):
         _check_options(self.threshold, self.window, self.max_consecutive, self.tokenwise, self.token_threshold,
-                       self.max_partial)
+                       self.max_partial, self.estimate)
 
 
 class StabilitySkip(Accelerator):
@@ -82,6 +85,7 @@ class StabilitySkip(Accelerator):
         self.tokenwise = options.tokenwise
         self.token_threshold = options.threshold if options.token_threshold is None else options.token_threshold
         self.max_partial = options.max_partial
+        self.estimator = options.estimate
         self.skippable = None if skippable is None else set(skippable)
         self.skipped = self.partial = 0
         self._partial_run = 0
@@ -180,11 +184,17 @@ class StabilitySkip(Accelerator):
         return -0.5 * beta, 0.5 * beta / (1 - a_t) ** 0.5
 
     def estimate(self, i: int, x: torch.Tensor, history: History) -> tuple[torch.Tensor, torch.Tensor]:
-        """A skipped step's (x0, eps): the last noise estimate at the current sample (SADA's epsilon reuse), or on
-        a flow model the velocity extrapolated linearly, 2 v_{n-1} - v_{n-2}."""
+        """A skipped step's (x0, eps): the last noise estimate at the current sample (SADA's epsilon reuse), or x0
+        extrapolated in time through the last three model calls ("lagrange"); on a flow model the velocity
+        extrapolated linearly, 2 v_{n-1} - v_{n-2}."""
         if self._flow:
             velocity = 2 * self._drift(i - 1, history) - self._drift(i - 2, history)
             return self.solver.predict(i, x, velocity, kind="flow")
+        if self.estimator == "lagrange":
+            called = [n for n in range(len(history)) if history.model_called[n]][-3:]
+            if len(called) == 3:
+                return self.solver.predict(i, x, _lagrange(self.solver.timesteps, called, history.x0, i),
+                                           kind="sample")
         return self.solver.predict(i, x, history.eps[-1], kind="epsilon")
 
     def stats(self) -> dict:
@@ -195,7 +205,22 @@ class StabilitySkip(Accelerator):
 
 
 
-def _check_options(threshold, window, max_consecutive, tokenwise, token_threshold, max_partial) -> None:
+def _lagrange(timesteps, nodes: list[int], values: list[torch.Tensor], i: int) -> torch.Tensor:
+    """The polynomial through (timesteps[n], values[n]) for n in nodes, evaluated at timesteps[i]."""
+    t = [float(timesteps[n]) for n in nodes]
+    at = float(timesteps[i])
+    total = torch.zeros_like(values[nodes[0]])
+    for j, n in enumerate(nodes):
+        weight = 1.0
+        for k in range(len(nodes)):
+            if k != j:
+                weight *= (at - t[k]) / (t[j] - t[k])
+        total = total + weight * values[n]
+    return total
+
+
+def _check_options(threshold, window, max_consecutive, tokenwise, token_threshold, max_partial,
+                   estimate="eps") -> None:
     def number(value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -216,5 +241,7 @@ def _check_options(threshold, window, max_consecutive, tokenwise, token_threshol
         problems.append(f"max_partial must be an integer >= 0, got {max_partial!r}")
     if not isinstance(tokenwise, bool):
         problems.append(f"tokenwise must be true or false, got {tokenwise!r}")
+    if estimate not in ("eps", "lagrange"):
+        problems.append(f"estimate must be 'eps' or 'lagrange', got {estimate!r}")
     if problems:
         raise ValueError("SADA: " + "; ".join(problems))
