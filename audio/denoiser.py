@@ -65,14 +65,23 @@ class MusicUNetDenoiser(nn.Module):
 
 def select_cells(args: tuple, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[tuple, torch.Tensor]:
     """A feed-forward branch's input cut to the cells covering the named latent cells. The branch sees its stage's
-    grid, the latent's downsampled by some k in both directions, flattened: (B, T/k * F/k, C)."""
+    grid, the latent's downsampled by some k in both directions, flattened: (B, ceil(T/k) * ceil(F/k), C). A
+    stride-2 downsampler rounds an odd side up (a 10 s latent's 250 frames become 125, then 63), so the last
+    stage cell of such a side covers fewer latent cells."""
     (hidden,) = args
     time_cells, freq_cells = grid
-    k = math.isqrt(time_cells * freq_cells // hidden.shape[1])
-    if (time_cells // k) * (freq_cells // k) != hidden.shape[1]:
-        raise ValueError(f"a {hidden.shape[1]}-cell stage is not the {grid} latent grid downsampled evenly")
+    k = _downsampling(grid, hidden.shape[1])
     named = torch.zeros(time_cells * freq_cells, dtype=torch.float32)
     named[tokens] = 1.0
-    covering = F.max_pool2d(named.view(1, 1, time_cells, freq_cells), k)[0, 0].flatten()
+    covering = F.max_pool2d(named.view(1, 1, time_cells, freq_cells), k, ceil_mode=True)[0, 0].flatten()
     positions = torch.nonzero(covering).flatten()
     return (hidden[:, positions],), positions
+
+
+def _downsampling(grid: tuple[int, int], cells: int) -> int:
+    k = 1
+    while k <= max(grid):
+        if math.ceil(grid[0] / k) * math.ceil(grid[1] / k) == cells:
+            return k
+        k *= 2
+    raise ValueError(f"a {cells}-cell stage is not the {grid} latent grid downsampled by a power of two")

@@ -87,3 +87,15 @@ def test_bac_with_sada_partial_calls_use_the_latent_grid(pipeline):
     music = pipeline.generate(["a calm organ in major"], 0.05, steps=12, solver="dpmpp", accelerator=accelerator,
                               generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(music.wave).all() and accelerator.stats()["partial_steps"] > 0
+
+
+def test_cells_of_a_stage_whose_odd_side_was_rounded_up():
+    from rtdiff.audio.denoiser import select_cells
+
+    grid = (250, 16)  # 10 s: stages of 125 x 8 and 63 x 4 cells
+    tokens = torch.tensor([0, 249 * 16 + 15])  # the first and the last latent cell
+    for cells, last in ((250 * 16, 249 * 16 + 15), (125 * 8, 124 * 8 + 7), (63 * 4, 62 * 4 + 3)):
+        (selected,), positions = select_cells((torch.randn(2, cells, 3),), tokens, grid)
+        assert positions.tolist() == [0, last] and selected.shape == (2, 2, 3)
+    with pytest.raises(ValueError, match="252-cell stage is not the"):
+        select_cells((torch.randn(1, 252, 3),), tokens, (251, 17))
