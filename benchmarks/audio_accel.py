@@ -38,6 +38,8 @@ CONFIGS = [
     ("uniform-3", "uniform", {"interval": 3}, None),
     ("uniform-4", "uniform", {"interval": 4}, None),
     ("uniform-5", "uniform", {"interval": 5}, None),
+    ("sada-m1", "sada", {"max_consecutive": 1}, None),
+    ("sada-m1-lagrange", "sada", {"max_consecutive": 1, "estimate": "lagrange"}, None),
     ("sada", "sada", {}, None),
     ("sada-t0", "sada", {"threshold": 0.0}, None),  # SADA's own threshold
     ("sada-lagrange", "sada", {"estimate": "lagrange"}, None),
@@ -49,6 +51,8 @@ CONFIGS = [
     ("bac+sada-0.5", "bac+sada", {}, 0.5),
     ("bac+sada-0.33", "bac+sada", {}, 0.33),
     ("bac+sada-0.25", "bac+sada", {}, 0.25),
+    ("bac+sada-0.33-lagrange", "bac+sada", {"estimate": "lagrange"}, 0.33),
+    ("bac+sada-0.25-lagrange", "bac+sada", {"estimate": "lagrange"}, 0.25),
 ]
 SETTINGS = {"dpmpp-50": ("dpmpp", 50), "ddim-200": ("ddim", 200)}
 

@@ -130,7 +130,14 @@ def test_fraction_cap_is_kept_and_the_least_error_candidate_wins():
     assert all(c["block_evals_fraction"] <= 0.3 for c in schedule["candidates"])
     assert len(seen) == len(schedule["candidates"]) > 1  # every distinct candidate was scored, once
     assert schedule["output_error"] == min(c["output_error"] for c in schedule["candidates"]) == error(schedule["blocks"])
-    assert sum(c["joint"] for c in schedule["candidates"]) == 1
+    assert sum(c["joint"] and not c["evenly_spaced"] for c in schedule["candidates"]) == 1
+
+    # uniform caching's schedule is always a candidate: evenly over the steps that may refresh
+    assert {"a.attn": [0, 3, 6, 10, 13, 16], "a.ff": [0, 3, 6, 10, 13, 16], "b.attn": [0, 3, 6, 10, 13, 16],
+            "b.ff": [0, 3, 6, 10, 13, 16]} in seen
+    seen.clear()
+    calibrate_to_fraction(outputs, 0.3, feed_forward, error, allowed=set(range(20)) - {3, 4, 5})
+    assert {name: [0, 2, 8, 11, 14, 17] for name in outputs} in seen
 
     def misaligned(blocks):  # an error that only schedules refreshing every block together avoid
         return len({tuple(steps) for steps in blocks.values()})
