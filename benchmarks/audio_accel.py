@@ -204,6 +204,19 @@ def run_real_size(setting: str, repeats: int, configs) -> dict:
                             "latent": [1, 8, 256, 16], "repeats": repeats})
 
 
+def merged_results(paths: list[str]) -> list[dict]:
+    by_setting = {}
+    for path in paths:
+        for result in json.loads(Path(path).read_text())["results"]:
+            key = (result["model"], result["setting"])
+            if key not in by_setting:
+                by_setting[key] = {**result, "configs": dict(result["configs"])}
+            else:
+                for label, entry in result["configs"].items():
+                    by_setting[key]["configs"].setdefault(label, entry)
+    return list(by_setting.values())
+
+
 def pareto_plot(results: list[dict], path: str) -> None:
     import matplotlib
 
@@ -232,7 +245,8 @@ def pareto_plot(results: list[dict], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="music-tiny")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS),
+                        help="bundled-model settings (none: only the real-size timing)")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--configs", nargs="+", help="labels to run (default: all)")
@@ -242,7 +256,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
     parser.add_argument("--plot")
+    parser.add_argument("--plot-from", nargs="+", metavar="JSON",
+                        help="draw --plot from earlier reports instead of running: a setting measured in several "
+                             "runs is one panel, each configuration from the first run that has it")
     args = parser.parse_args()
+    if args.plot_from:
+        pareto_plot(merged_results(args.plot_from), args.plot)
+        return
     torch.set_num_threads(args.threads)
     configs = [c for c in CONFIGS if args.configs is None or c[0] in args.configs or c[0] == "none"]
     prompts = benchmark_prompts(args.prompts)

@@ -89,6 +89,7 @@ def test_accelerator_options_parse_as_json_and_reach_the_accelerator():
     sada = make_accelerator("sada", **options)
     assert (sada.threshold, sada.window, sada.tokenwise, sada.max_consecutive) == (0.05, (0.2, 0.9), True, 3)
     assert make_accelerator("uniform", **parse_options("uniform", ["interval=4"])).interval == 4
+    assert make_accelerator("sada", **parse_options("sada", ["estimate=lagrange"])).estimator == "lagrange"
 
 
 @pytest.mark.parametrize("name, pairs, message", [
@@ -96,7 +97,9 @@ def test_accelerator_options_parse_as_json_and_reach_the_accelerator():
     ("none", ["interval=2"], "accelerator 'none' has no option 'interval'; it takes: none"),
     ("bac", ["schedule={}"], "accelerator 'bac' has no option 'schedule'"),
     ("sada", ["threshold"], "an accelerator option is KEY=VALUE, got 'threshold'"),
-    ("sada", ["threshold=high"], "option threshold: 'high' is not a JSON value"),
+    ("sada", ["threshold=high"], "threshold must be a number, got 'high'"),
+    ("sada", ["threshold=1e-2x"], "option threshold: '1e-2x' is not a JSON value"),
+    ("sada", ["estimate=taylor"], "estimate must be 'eps' or 'lagrange', got 'taylor'"),
     ("warp", [], "unknown accelerator 'warp'"),
 ])
 def test_bad_accelerator_options_are_named(name, pairs, message):

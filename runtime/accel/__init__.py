@@ -43,9 +43,9 @@ def check_options(name: str, options: dict):
 
 
 def parse_options(name: str, pairs: list[str]) -> dict:
-    """`KEY=VALUE` strings, VALUE written as JSON (`threshold=0.02`, `window=[0.1,0.9]`, `tokenwise=true`), as
-    the named accelerator's options, checked by its `Options`; a key it does not take, a value that is not
-    JSON or one of the wrong kind is a ValueError."""
+    """`KEY=VALUE` strings, VALUE written as JSON (`threshold=0.02`, `window=[0.1,0.9]`, `tokenwise=true`) or as
+    a bare word for a string (`estimate=lagrange`), as the named accelerator's options, checked by its
+    `Options`; a key it does not take, a value that is neither, or one of the wrong kind is a ValueError."""
     options = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -54,6 +54,9 @@ def parse_options(name: str, pairs: list[str]) -> dict:
         try:
             options[key] = json.loads(text)
         except json.JSONDecodeError:
+            if text.isidentifier():
+                options[key] = text
+                continue
             raise ValueError(f"option {key}: {text!r} is not a JSON value (numbers, true/false, [lists])") from None
     check_options(name, options)
     return options
