@@ -20,6 +20,17 @@ def test_every_bundled_checkpoint_ships_its_schedules_at_its_own_solver(name, ac
     accelerator_spec(accel, name, solver, steps)()  # loads, matches the weights' hash, the solver and the steps
 
 
+@pytest.mark.parametrize("accel", SCHEDULED)
+def test_music_tiny_ships_its_schedules_at_the_generate_defaults(accel):
+    from rtdiff.audio.accelerate import music_accelerator_spec
+    from rtdiff.runtime.cli import build_parser
+
+    args = build_parser().parse_args(["audio", "generate", "--prompt", "x", "--out", "x.wav"])
+    path = find_schedule("music-tiny", args.solver, args.steps, accel)
+    assert path is not None and path.parent == bundled()["music-tiny"]
+    music_accelerator_spec(accel, "music-tiny", args.solver, args.steps)()  # the weights' hash, solver, steps
+
+
 def test_an_exported_backend_uses_the_schedule_of_the_accelerator_asked_for(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("RTDIFF_CACHE", str(tmp_path / "cache"))
     folder = save_policy(load_policy(tiny_checkpoint), tmp_path / "only-bac+sada")
