@@ -10,7 +10,8 @@ is compared with the sample the solver actually reached, and the residual
 r = x_{n+1} - x^_{n+1} with the drift's second difference d2f = f_n - 2 f_{n-1} + f_{n-2}.
 Where mean(r * d2f) <= threshold the trajectory is stable: the next step runs no
 model and the solver integrates it from the last noise estimate at the current
-sample (SADA's epsilon reuse). On a flow-matching solver the drift is the
+sample (SADA's epsilon reuse), or with `estimate="lagrange"` from x0 extrapolated in
+time through the last three model calls (SADA's late-sampling estimate). On a flow-matching solver the drift is the
 velocity, time is sigma, the score takes the velocity's negative second
 difference, and a skipped step's velocity is extrapolated, 2 v_{n-1} - v_{n-2}. Skips happen only inside a window of the
 trajectory and never more than `max_consecutive` in a row.
@@ -219,8 +220,7 @@ def _lagrange(timesteps, nodes: list[int], values: list[torch.Tensor], i: int) -
     return total
 
 
-def _check_options(threshold, window, max_consecutive, tokenwise, token_threshold, max_partial,
-                   estimate="eps") -> None:
+def _check_options(threshold, window, max_consecutive, tokenwise, token_threshold, max_partial, estimate) -> None:
     def number(value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
