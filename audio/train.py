@@ -152,7 +152,6 @@ def train_clap(out: Path, steps: int, clips_count: int, batch: int, seed: int, i
     model.eval()
     model.save_pretrained(out / "text_encoder", safe_serialization=True)
     report = {"steps": steps, "clips": clips_count, "batch": batch, "loss_last_100": float(np.mean(losses[-100:]))}
-    stamp(out / "text_encoder", command_line(), report)
     return report
 
 
@@ -199,7 +198,6 @@ def train_vae(out: Path, steps: int, clips_count: int, batch: int, seed: int, in
     report = {"steps": steps, "clips": clips_count, "batch": batch, "crop_frames": VAE_CROP,
               "l1_last_100": float(np.mean(losses[-100:])), "scaling_factor": scaling,
               "full_clip_l1": float((reconstruction - mels[:256, None]).abs().mean())}
-    stamp(out / "vae", command_line(), report)
     return report
 
 
@@ -238,7 +236,6 @@ def train_vocoder(out: Path, steps: int, clips_count: int, batch: int, seed: int
     model.save_pretrained(out / "vocoder", safe_serialization=True)
     report = {"steps": steps, "clips": clips_count, "batch": batch, "segment_frames": VOCODER_FRAMES,
               "mel_l1_last_100": float(np.mean(losses[-100:]))}
-    stamp(out / "vocoder", command_line(), report)
     return report
 
 
@@ -303,7 +300,6 @@ def train_unet(out: Path, steps: int, clips_count: int, batch: int, seed: int, i
     model.save_pretrained(out / "unet", safe_serialization=True)
     report = {"steps": steps, "clips": clips_count, "batch": batch, "cfg_dropout": CFG_DROPOUT,
               "ema_decay": EMA_DECAY, "loss_last_100": float(np.mean(losses[-100:]))}
-    stamp(out / "unet", command_line(), report)
     return report
 
 
@@ -333,6 +329,5 @@ def cmd_train(args) -> None:
     before = earlier_commands(component_folder) if args.init else []
     report = TRAINERS[args.component](Path(args.out), args.steps, args.clips, args.batch_size, args.seed, args.init)
     report["wall_s"] = time.time() - started
-    if before:
-        stamp(component_folder, command_line(), report, init_commands=before)
+    stamp(component_folder, command_line(), report, init_commands=before)
     print(json.dumps({"component": args.component, **report}))
