@@ -93,15 +93,20 @@ def cmd_calibrate(args) -> None:
     from rtdiff.audio.pipeline import TextToMusic
     from rtdiff.audio.train import command_line
 
+    from rtdiff.runtime.accel import parse_options
+
     torch.set_num_threads(args.threads)
-    sada = {"window": tuple(args.sada_window), "max_consecutive": args.sada_max_consecutive} \
-        if args.method == "bac+sada" else None
+    if args.accel_option and args.method != "bac+sada":
+        raise SystemExit("--accel-option sets SADA's options: only for bac+sada")
+    sada = parse_options("sada", args.accel_option) if args.method == "bac+sada" else None
     pipeline = TextToMusic(load_music_model(args.model))
     schedule, path = calibrate_music_bac(args.model, pipeline, args.solver, args.steps, args.fraction,
                                          prompts=args.prompts, seed=args.seed, guidance=args.guidance, sada=sada,
-                                         out=args.out, command=command_line(), seconds=args.seconds)
+                                         out=args.out, command=command_line(), seconds=args.seconds,
+                                         final_prompts=args.final_prompts, final_seconds=args.final_seconds)
+    final = f", log-mel error as served {schedule['final_error']:.3g}" if "final_error" in schedule else ""
     print(f"wrote {path}: {args.method} at {args.solver} {args.steps}, block evaluations "
-          f"{schedule['block_evals_fraction']:.3f}, final-latent error {schedule['output_error']:.3g}")
+          f"{schedule['block_evals_fraction']:.3f}, final-latent error {schedule['output_error']:.3g}{final}")
 
 
 def write_wav(path: str, wave, sample_rate: int) -> None:
@@ -161,10 +166,15 @@ def add_commands(commands) -> None:
     calibrate.add_argument("--fraction", type=float, required=True, help="at most this fraction of block evaluations")
     calibrate.add_argument("--prompts", type=int, default=2, help="training captions to calibrate on")
     calibrate.add_argument("--guidance", type=float, default=2.0)
-    calibrate.add_argument("--seconds", type=float, default=2.56, help="length of the calibration clips")
+    calibrate.add_argument("--seconds", type=float, default=2.56, help="length of the clips whose block outputs "
+                           "are recorded and that screen the candidates")
+    calibrate.add_argument("--final-prompts", type=int, default=4, help="other captions on which the best "
+                           "candidates run as served (0: keep the screen's choice)")
+    calibrate.add_argument("--final-seconds", type=float, default=10.0, help="length of those clips")
     calibrate.add_argument("--seed", type=int, default=0)
-    calibrate.add_argument("--sada-window", type=float, nargs=2, default=(0.1, 0.97), metavar=("LO", "HI"))
-    calibrate.add_argument("--sada-max-consecutive", type=int, default=2)
+    calibrate.add_argument("--accel-option", action="append", default=[], metavar="KEY=VALUE",
+                           help="bac+sada: SADA's options, as generate takes them (window and max_consecutive also "
+                                "lay out the steps left to SADA)")
     calibrate.add_argument("--threads", type=int, default=2)
     calibrate.add_argument("--out", help="schedule JSON (default: beside the checkpoint; the cache for a bundled one)")
     calibrate.set_defaults(run=cmd_calibrate)

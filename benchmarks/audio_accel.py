@@ -68,7 +68,7 @@ def accelerator_specs(configs, calibrate, solver: str, steps: int) -> dict[str, 
     for label, name, options, fraction in configs:
         schedule = None
         if fraction is not None:
-            sada = {"window": (0.1, 0.97), "max_consecutive": 2} if name == "bac+sada" else None
+            sada = {"window": (0.1, 0.97), "max_consecutive": 2, **options} if name == "bac+sada" else None
             schedule = calibrate(solver, steps, fraction, sada)
         specs[label] = AcceleratorSpec(name, options, schedule, solver, steps,
                                        schedule.get("checkpoint_sha256") if schedule else None)

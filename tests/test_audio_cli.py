@@ -71,12 +71,31 @@ def test_bad_inputs_are_named(folder, tmp_path, capsys, tiny_checkpoint):
 
 def test_calibrate_writes_a_schedule_that_generate_uses(folder, tmp_path, capsys):
     main(["audio", "calibrate", "bac", "--model", str(folder), "--steps", "6", "--fraction", "0.5",
-          "--seconds", str(SECONDS), "--out", str(folder / "bac-dpmpp-6.json")])
+          "--seconds", str(SECONDS), "--final-prompts", "2", "--final-seconds", str(SECONDS),
+          "--out", str(folder / "bac-dpmpp-6.json")])
     schedule = json.loads((folder / "bac-dpmpp-6.json").read_text())
     assert schedule["block_evals_fraction"] <= 0.5 and schedule["checkpoint_sha256"]
+    assert len(schedule["calibration"]["final_prompts"]) == 2  # the finalists ran as served, on other captions
+    assert not set(schedule["calibration"]["final_prompts"]) & set(schedule["calibration"]["prompts"])
+    assert schedule["final_error"] == min(c["final_error"] for c in schedule["candidates"] if "final_error" in c)
     generate(folder, tmp_path / "bac.wav", "--steps", "6", "--accel", "bac", "--json", str(tmp_path / "bac.json"))
     report = json.loads((tmp_path / "bac.json").read_text())
     assert report["block_evals_fraction"] <= 0.5 and report["accel"] == "bac"
     with pytest.raises(SystemExit):  # no schedule for 7 steps: the error names the command that makes one
         generate(folder, tmp_path / "x.wav", "--steps", "7", "--accel", "bac")
     assert "rtdiff audio calibrate bac" in capsys.readouterr().err
+
+
+def test_calibrate_bac_sada_keeps_the_sada_options_it_scored_with(folder, tmp_path, capsys):
+    out = tmp_path / "bac+sada.json"
+    main(["audio", "calibrate", "bac+sada", "--model", str(folder), "--steps", "12", "--fraction", "0.5",
+          "--seconds", str(SECONDS), "--final-prompts", "1", "--final-seconds", str(SECONDS),
+          "--accel-option", "estimate=lagrange", "--accel-option", "max_consecutive=1", "--out", str(out)])
+    schedule = json.loads(out.read_text())
+    assert schedule["sada"] == {"estimate": "lagrange", "max_consecutive": 1}
+    refreshing = set().union(*map(set, schedule["blocks"].values()))
+    assert schedule["skippable"] and not refreshing & set(schedule["skippable"])
+    with pytest.raises(SystemExit):
+        main(["audio", "calibrate", "bac+sada", "--model", str(folder), "--steps", "12", "--fraction", "0.5",
+              "--accel-option", "estimate=cubic", "--out", str(out)])
+    assert "estimate must be 'eps' or 'lagrange', got 'cubic'" in capsys.readouterr().err

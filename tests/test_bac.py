@@ -149,6 +149,29 @@ def test_fraction_cap_is_kept_and_the_least_error_candidate_wins():
         calibrate_to_fraction(outputs, 0.01, feed_forward, error)
 
 
+def test_a_final_error_rescores_the_best_candidates_and_chooses():
+    rng = np.random.default_rng(5)
+    outputs = {name: torch.from_numpy(rng.normal(size=(20, 2, 6)).cumsum(0)).float()
+               for name in ("a.attn", "a.ff", "b.attn", "b.ff")}
+
+    def screen(blocks):  # the cheap error prefers the schedules that evaluate most
+        return -sum(map(len, blocks.values()))
+
+    screened = calibrate_to_fraction(outputs, 0.3, {"a.ff", "b.ff"}, screen)
+    rescored = []
+
+    def final(blocks):  # the costly one disagrees with the screen's choice
+        rescored.append(blocks)
+        return 1.0 if blocks == screened["blocks"] else 0.5
+
+    chosen = calibrate_to_fraction(outputs, 0.3, {"a.ff", "b.ff"}, screen, final_error=final, finalists=3)
+    assert len(rescored) == 3 and screened["blocks"] in rescored  # only the screen's best three, its choice among them
+    assert chosen["blocks"] != screened["blocks"] and chosen["blocks"] in rescored and chosen["final_error"] == 0.5
+    assert chosen["output_error"] == screen(chosen["blocks"])
+    finalists = sorted(c["output_error"] for c in chosen["candidates"] if "final_error" in c)
+    assert finalists == sorted(c["output_error"] for c in chosen["candidates"])[:3]
+
+
 def test_sensitivity_adds_weighted_candidates_and_the_least_error_one_wins():
     rng = np.random.default_rng(4)
     outputs = {name: torch.from_numpy(rng.normal(size=(20, 2, 6)).cumsum(0)).float() for name in ("a", "b")}
