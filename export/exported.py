@@ -92,6 +92,8 @@ class ExportedDenoiser(nn.Module):
             cache = BlockCache(self.names, compute=set(self.names))
         if cache.tokens is not None:
             raise NotImplementedError("token-wise compute (SADA's partial steps) runs on the torch backend only")
+        if cache.reuse != "last":
+            raise NotImplementedError(f"reuse={cache.reuse!r} (forecast cached blocks) runs on the torch backend only")
         given = x.shape[0]
         batch = self._exported_batch(given)
         values = {name: self.to_backend(value.to(torch.float32), batch)

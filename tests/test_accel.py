@@ -119,3 +119,58 @@ def test_bad_accelerator_options_are_named(name, pairs, message):
 def test_accelerator_options_of_the_wrong_kind_are_refused_by_name(name, options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         make_accelerator(name, **options)
+
+
+class _TwoOutputs(torch.nn.Module):  # returns nested tensors, as a UNet's down stage does (output, skips)
+    def forward(self, x):
+        return x * 2, (x + 1,)
+
+
+class _OneBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _TwoOutputs()
+
+    def cache_blocks(self):
+        return [("block", self.block, "resolution_stage")]
+
+
+def _served_at(reuse: str, computed: list[tuple[int, float]], step: int):
+    model = _OneBlock()
+    hooks = CacheHooks(model).attach()
+    try:
+        cache = hooks.cache
+        cache.reuse = reuse
+        for at, value in computed:
+            cache.step = at
+            cache.set_step({"block"})
+            model.block(torch.tensor(value))
+        cache.step = step
+        cache.set_step(set())
+        doubled, (plus_one,) = model.block(torch.tensor(99.0))  # not run: what stands in ignores the input
+        return float(doubled), float(plus_one)
+    finally:
+        hooks.detach()
+
+
+def test_linear_reuse_extrapolates_a_cached_block_through_its_last_two_computations():
+    # the input grows by 1 a step, so the block's true outputs at step 3 are (8, 5)
+    assert _served_at("linear", [(0, 1.0), (1, 2.0)], 3) == (8.0, 5.0)
+    assert _served_at("last", [(0, 1.0), (1, 2.0)], 3) == (4.0, 3.0)
+    assert _served_at("linear", [(0, 1.0)], 3) == (2.0, 2.0)  # one computation: nothing to extrapolate from
+    assert _served_at("linear", [(0, 5.0), (2, 1.0), (4, 3.0)], 5) == (8.0, 5.0)  # the last two only, their spacing
+
+
+def test_reuse_is_an_option_of_uniform_and_part_of_a_bac_schedule(policy):
+    assert make_accelerator("uniform", **parse_options("uniform", ["reuse=linear"])).reuse == "linear"
+    with pytest.raises(ValueError, match=re.escape("reuse must be one of ('last', 'linear')")):
+        parse_options("uniform", ["reuse=cubic"])
+    steps = list(range(0, 10, 3))
+    schedule = {"steps": 10, "solver": "ddim", "reuse": "linear",
+                "blocks": {name: steps for name, _, _ in policy.denoiser.cache_blocks()}}
+    bac = make_accelerator("bac", schedule=schedule, solver="ddim", steps=10)
+    uniform = UniformCache(interval=3, reuse="linear")
+    torch.testing.assert_close(chunk(policy, bac), chunk(policy, uniform), rtol=0, atol=0)
+    assert not torch.equal(chunk(policy, uniform), chunk(policy, UniformCache(interval=3)))
+    assert bac.static_key() != make_accelerator("bac", schedule={**schedule, "reuse": "last"}, solver="ddim",
+                                                steps=10).static_key()

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtdiff.runtime.accel.base import Accelerator
+from rtdiff.runtime.accel.base import Accelerator, check_reuse
 
 FORMAT = "rtdiff-bac-schedule/1"
 
@@ -346,6 +346,7 @@ class BACache(Accelerator):
         if checkpoint_hash and schedule.get("checkpoint_sha256", checkpoint_hash) != checkpoint_hash:
             raise ValueError("BAC schedule was calibrated on different weights (checkpoint hash differs)")
         self.updates = {name: set(steps) for name, steps in schedule["blocks"].items()}
+        self.reuse = check_reuse(schedule.get("reuse", "last"))  # calibrated with it: it belongs to the schedule
 
     def bind(self, denoiser):
         super().bind(denoiser)
@@ -360,4 +361,5 @@ class BACache(Accelerator):
         return i in self.updates[block]
 
     def static_key(self) -> tuple:
-        return (self.name, tuple(sorted((name, tuple(sorted(steps))) for name, steps in self.updates.items())))
+        return (self.name, self.reuse,
+                tuple(sorted((name, tuple(sorted(steps))) for name, steps in self.updates.items())))

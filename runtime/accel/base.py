@@ -32,13 +32,24 @@ class NoOptions:
     pass
 
 
+REUSE = ("last", "linear")
+
+
+def check_reuse(reuse) -> str:
+    if reuse not in REUSE:
+        raise ValueError(f"reuse must be one of {REUSE} (what stands in for a cached block), got {reuse!r}")
+    return reuse
+
+
 @dataclass(frozen=True)
 class UniformOptions:
     interval: int = 2  # refresh every block every `interval` steps
+    reuse: str = "last"  # or "linear": a cached block's output extrapolated through its last two (hooks.BlockCache)
 
     def __post_init__(self):
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"uniform cache interval must be an integer >= 1, got {self.interval!r}")
+        check_reuse(self.reuse)
 
 
 _NO_HOOKS = contextlib.nullcontext()
@@ -47,6 +58,7 @@ _NO_HOOKS = contextlib.nullcontext()
 class Accelerator:
     name = "none"
     uses_block_cache = False
+    reuse = "last"  # what stands in for a cached block (BlockCache.reuse)
     Options = NoOptions  # what a user may set (`--accel-option`); schedules and solvers come from elsewhere
 
     def __init__(self):
@@ -65,6 +77,7 @@ class Accelerator:
         if self.uses_block_cache and self.cache is None:
             self.hooks = block_hooks(denoiser)
             self.cache = self.hooks.new_cache()
+            self.cache.reuse = self.reuse
         return self
 
     def unbind(self) -> None:
@@ -89,6 +102,7 @@ class Accelerator:
         if self.cache is not None:
             compute = {name for name in self.cache.names if self.should_compute(name, i)}
             self.cache.set_step(compute, self.tokens, self.token_grid)
+            self.cache.step = i
 
     def calling_model(self):
         """Context for one model call: this request's cache is the one the model's blocks see."""
@@ -122,12 +136,13 @@ class UniformCache(Accelerator):
     uses_block_cache = True
     Options = UniformOptions
 
-    def __init__(self, interval: int = 2):
+    def __init__(self, interval: int = 2, reuse: str = "last"):
         super().__init__()
-        self.interval = UniformOptions(interval).interval
+        options = UniformOptions(interval, reuse)
+        self.interval, self.reuse = options.interval, options.reuse
 
     def should_compute(self, block: str, i: int) -> bool:
         return i % self.interval == 0
 
     def static_key(self) -> tuple:
-        return (self.name, self.interval)
+        return (self.name, self.interval, self.reuse)

@@ -67,6 +67,13 @@ class BlockCache:
     tokens: torch.Tensor | None = None  # token positions token-wise blocks compute at this call (None: all)
     token_grid: tuple[int, ...] | None = None  # the shape of the grid `tokens` index, flattened
     token_inputs: dict = field(default_factory=dict)  # block name -> select(args, tokens, grid) -> (args, positions)
+    # what stands in for a block that does not run: "last", its output from the last step that computed it;
+    # "linear", that output extrapolated along the steps through the two last computations (TaylorSeer's
+    # first-order forecast, Liu et al. 2025), the step being `step`, the current call's
+    reuse: str = "last"
+    step: int = 0
+    computed: dict[tuple[str, str], list] = field(default_factory=dict)  # (branch, block) -> its last two
+    # (step, output) pairs, kept for "linear" only
     evaluated: float = 0.0  # block forwards run (a token-wise forward counts its fraction of the tokens)
     requested: int = 0  # block forwards asked for (run or served from the cache)
     recorder: dict[str, list[torch.Tensor]] | None = None  # calibration: every computed output, in order
@@ -86,9 +93,26 @@ class BlockCache:
         """The current branch's block outputs."""
         return self.branches.setdefault(self.branch, {})
 
+    def store(self, name: str, output, whole: bool = True) -> None:
+        """A block's output just computed; `whole` False for a token-wise call, which computed part of it (the
+        forecast then starts over from this output)."""
+        self.outputs[name] = output
+        if self.reuse == "linear":
+            past = self.computed.setdefault((self.branch, name), [])
+            past[:] = (past[-1:] if whole else []) + [(self.step, output)]
+
+    def stand_in(self, name: str):
+        """The output a block that does not run at this call returns."""
+        past = self.computed.get((self.branch, name), []) if self.reuse == "linear" else []
+        if len(past) < 2:
+            return self.outputs[name]
+        (first, older), (last, newer) = past
+        return _extrapolate(older, newer, (self.step - last) / (last - first))
+
     def clear(self) -> None:
         """A new trajectory: every branch's outputs go."""
         self.branches.clear()
+        self.computed.clear()
         self.branch = "main"
 
     def reset(self) -> None:
@@ -145,21 +169,29 @@ class CacheHooks:
                 return forward(*args, **kwargs)
             cache.requested += 1
             if name not in cache.compute:
-                return cache.outputs[name]
-            if cache.tokens is not None and name in cache.token_inputs:
+                return cache.stand_in(name)
+            whole = cache.tokens is None or name not in cache.token_inputs
+            if whole:
+                output = forward(*args, **kwargs)
+                cache.evaluated += 1
+            else:
                 output = cache.outputs[name].clone()
                 selected, positions = cache.token_inputs[name](args, cache.tokens, cache.token_grid)
                 output[:, positions] = forward(*selected)
                 cache.evaluated += len(positions) / output.shape[1]
-            else:
-                output = forward(*args, **kwargs)
-                cache.evaluated += 1
-            cache.outputs[name] = output
+            cache.store(name, output, whole)
             if cache.recorder is not None:
                 cache.recorder.setdefault(name, []).append(_as_one_tensor(output))
             return output
 
         return cached_forward
+
+
+def _extrapolate(older, newer, ratio: float):
+    """newer + ratio (newer - older), through a block's output whatever its nesting of tuples."""
+    if isinstance(newer, torch.Tensor):
+        return newer + ratio * (newer - older)
+    return type(newer)(_extrapolate(a, b, ratio) for a, b in zip(older, newer))
 
 
 def _as_one_tensor(output) -> torch.Tensor:
