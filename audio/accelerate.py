@@ -23,6 +23,7 @@ from rtdiff.audio import data
 from rtdiff.audio.metrics import mel_psnr
 from rtdiff.audio.pipeline import TextToMusic
 from rtdiff.runtime.accel import make_accelerator
+from rtdiff.runtime.accel.base import check_reuse
 from rtdiff.runtime.accel.bac import (FORMAT, calibrate_to_fraction, plot_schedule, record_block_outputs,
                                       save_schedule)
 from rtdiff.runtime.accel.composed import skip_lattice
@@ -51,11 +52,13 @@ def calibrate_music_bac(checkpoint: str, pipeline: TextToMusic, solver: str, ste
                         prompts: int = 2, seed: int = 0, guidance: float = 2.0, sada: dict | None = None,
                         out: str | Path | None = None, command: str | None = None,
                         seconds: float = CALIBRATION_SECONDS, final_prompts: int = FINAL_PROMPTS,
-                        final_seconds: float = FINAL_SECONDS) -> tuple[dict, Path]:
+                        final_seconds: float = FINAL_SECONDS, reuse: str = "last") -> tuple[dict, Path]:
     """`sada`: SADA's options for bac+sada (its window and run length also lay out the steps left to it);
-    `final_prompts` 0 keeps the screen's choice."""
+    `final_prompts` 0 keeps the screen's choice; `reuse`: what stands in for a cached block (hooks.BlockCache),
+    which every candidate is scored with and the schedule keeps."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction of block evaluations must be in (0, 1], got {fraction}")
+    check_reuse(reuse)
     method = "bac" if sada is None else "bac+sada"
     texts = calibration_prompts(prompts, seed)
     noise = pipeline.initial_latents(len(texts), seconds, torch.Generator().manual_seed(seed))
@@ -69,7 +72,7 @@ def calibrate_music_bac(checkpoint: str, pipeline: TextToMusic, solver: str, ste
     scale = reference.pow(2).mean()
 
     def error(blocks: dict) -> float:
-        schedule = {"format": FORMAT, "steps": steps, "solver": solver, "blocks": blocks}
+        schedule = {"format": FORMAT, "steps": steps, "solver": solver, "reuse": reuse, "blocks": blocks}
         accelerator = make_accelerator("bac", schedule=schedule, solver=solver, steps=steps)
         try:
             return float((final_latent(accelerator) - reference).pow(2).mean() / scale)
@@ -78,7 +81,9 @@ def calibrate_music_bac(checkpoint: str, pipeline: TextToMusic, solver: str, ste
 
     skippable = skip_lattice(steps, sada.get("window", (0.1, 0.97)), sada.get("max_consecutive", 2)) \
         if sada is not None else set()
-    extra = {} if sada is None else {"skippable": sorted(skippable), "sada": _json_options(sada)}
+    extra = {"reuse": reuse}
+    if sada is not None:
+        extra.update(skippable=sorted(skippable), sada=_json_options(sada))
     final_texts = calibration_prompts(final_prompts, seed + 1)
     final_error = served_error(pipeline, method, {"format": FORMAT, "steps": steps, "solver": solver, **extra},
                                final_texts, final_seconds, seed + 1, guidance) if final_prompts else None

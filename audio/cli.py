@@ -103,7 +103,8 @@ def cmd_calibrate(args) -> None:
     schedule, path = calibrate_music_bac(args.model, pipeline, args.solver, args.steps, args.fraction,
                                          prompts=args.prompts, seed=args.seed, guidance=args.guidance, sada=sada,
                                          out=args.out, command=command_line(), seconds=args.seconds,
-                                         final_prompts=args.final_prompts, final_seconds=args.final_seconds)
+                                         final_prompts=args.final_prompts, final_seconds=args.final_seconds,
+                                         reuse=args.reuse)
     final = f", log-mel error as served {schedule['final_error']:.3g}" if "final_error" in schedule else ""
     print(f"wrote {path}: {args.method} at {args.solver} {args.steps}, block evaluations "
           f"{schedule['block_evals_fraction']:.3f}, final-latent error {schedule['output_error']:.3g}{final}")
@@ -172,6 +173,9 @@ def add_commands(commands) -> None:
                            "candidates run as served (0: keep the screen's choice)")
     calibrate.add_argument("--final-seconds", type=float, default=10.0, help="length of those clips")
     calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--reuse", choices=["last", "linear"], default="last",
+                           help="what stands in for a cached block: its last output, or that extrapolated through "
+                                "its last two (kept in the schedule)")
     calibrate.add_argument("--accel-option", action="append", default=[], metavar="KEY=VALUE",
                            help="bac+sada: SADA's options, as generate takes them (window and max_consecutive also "
                                 "lay out the steps left to SADA)")

@@ -53,6 +53,14 @@ CONFIGS = [
     ("bac+sada-0.25", "bac+sada", {}, 0.25),
     ("bac+sada-0.33-lagrange", "bac+sada", {"estimate": "lagrange"}, 0.33),
     ("bac+sada-0.25-lagrange", "bac+sada", {"estimate": "lagrange"}, 0.25),
+    # reuse=linear: a cached block's output extrapolated through its last two computations (TaylorSeer's forecast)
+    ("uniform-2-linear", "uniform", {"interval": 2, "reuse": "linear"}, None),
+    ("uniform-3-linear", "uniform", {"interval": 3, "reuse": "linear"}, None),
+    ("uniform-4-linear", "uniform", {"interval": 4, "reuse": "linear"}, None),
+    ("bac-0.33-linear", "bac", {"reuse": "linear"}, 0.33),
+    ("bac+sada-0.36-lagrange-linear", "bac+sada", {"estimate": "lagrange", "reuse": "linear"}, 0.36),
+    ("bac+sada-0.33-lagrange-linear", "bac+sada", {"estimate": "lagrange", "reuse": "linear"}, 0.33),
+    ("bac+sada-0.25-lagrange-linear", "bac+sada", {"estimate": "lagrange", "reuse": "linear"}, 0.25),
 ]
 SETTINGS = {"dpmpp-50": ("dpmpp", 50), "ddim-200": ("ddim", 200)}
 
@@ -67,9 +75,11 @@ def accelerator_specs(configs, calibrate, solver: str, steps: int) -> dict[str, 
     specs = {}
     for label, name, options, fraction in configs:
         schedule = None
-        if fraction is not None:
+        if fraction is not None:  # a BAC schedule is calibrated with the reuse it will run with, and keeps it
+            reuse = options.get("reuse", "last")
+            options = {key: value for key, value in options.items() if key != "reuse"}
             sada = {"window": (0.1, 0.97), "max_consecutive": 2, **options} if name == "bac+sada" else None
-            schedule = calibrate(solver, steps, fraction, sada)
+            schedule = calibrate(solver, steps, fraction, sada, reuse)
         specs[label] = AcceleratorSpec(name, options, schedule, solver, steps,
                                        schedule.get("checkpoint_sha256") if schedule else None)
     return specs
@@ -83,10 +93,10 @@ def run_bundled(model: str, setting: str, prompts: list[str], seconds: float, co
     solver, steps = SETTINGS[setting]
     pipeline = TextToMusic(load_music_model(model))
 
-    def calibrate(solver, steps, fraction, sada):
+    def calibrate(solver, steps, fraction, sada, reuse):
         with tempfile.TemporaryDirectory() as scratch:
             schedule, _ = calibrate_music_bac(model, pipeline, solver, steps, fraction, sada=sada,
-                                              out=Path(scratch) / "schedule.json")
+                                              out=Path(scratch) / "schedule.json", reuse=reuse)
         return schedule
 
     specs = accelerator_specs(configs, calibrate, solver, steps)
@@ -177,18 +187,18 @@ def run_real_size(setting: str, repeats: int, configs) -> dict:
     def denoise(accelerator=None, x=noise):
         return sample(guided, solver, x.clone(), {"text": text}, accelerator=accelerator)
 
-    def calibrate(solver, steps, fraction, sada):
+    def calibrate(solver, steps, fraction, sada, reuse):
         # BAC's own rule (a budget of updates per block, the paper's union of five): choosing by output error
         # would cost a trajectory per candidate, and on random weights the error means little
         # recorded on a quarter of the latent (2.56 s): every block's output at every step is kept
         outputs = record_block_outputs(lambda recorder: denoise(recorder, noise[:, :, :64]))
-        skippable = skip_lattice(steps, **sada) if sada else set()
+        skippable = skip_lattice(steps, sada["window"], sada["max_consecutive"]) if sada else set()
         schedule = bac_calibrate(outputs, max(1, round(fraction * steps)), feed_forward_blocks(denoiser), 5,
                                  set(range(steps)) - skippable)
-        schedule["solver"] = solver
+        schedule.update(solver=solver, reuse=reuse)
         if sada:
-            schedule.update(skippable=sorted(skippable), sada={"window": list(sada["window"]),
-                                                                "max_consecutive": sada["max_consecutive"]})
+            schedule.update(skippable=sorted(skippable),
+                            sada={key: list(value) if isinstance(value, tuple) else value for key, value in sada.items()})
         return schedule
 
     specs = accelerator_specs(configs, calibrate, solver_name, steps)

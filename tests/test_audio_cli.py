@@ -90,9 +90,10 @@ def test_calibrate_bac_sada_keeps_the_sada_options_it_scored_with(folder, tmp_pa
     out = tmp_path / "bac+sada.json"
     main(["audio", "calibrate", "bac+sada", "--model", str(folder), "--steps", "12", "--fraction", "0.5",
           "--seconds", str(SECONDS), "--final-prompts", "1", "--final-seconds", str(SECONDS),
-          "--accel-option", "estimate=lagrange", "--accel-option", "max_consecutive=1", "--out", str(out)])
+          "--accel-option", "estimate=lagrange", "--accel-option", "max_consecutive=1", "--reuse", "linear",
+          "--out", str(out)])
     schedule = json.loads(out.read_text())
-    assert schedule["sada"] == {"estimate": "lagrange", "max_consecutive": 1}
+    assert schedule["sada"] == {"estimate": "lagrange", "max_consecutive": 1} and schedule["reuse"] == "linear"
     refreshing = set().union(*map(set, schedule["blocks"].values()))
     assert schedule["skippable"] and not refreshing & set(schedule["skippable"])
     with pytest.raises(SystemExit):
