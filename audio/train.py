@@ -330,4 +330,14 @@ def cmd_train(args) -> None:
     report = TRAINERS[args.component](Path(args.out), args.steps, args.clips, args.batch_size, args.seed, args.init)
     report["wall_s"] = time.time() - started
     stamp(component_folder, command_line(), report, init_commands=before)
+    drop_source_path(component_folder / "config.json")
     print(json.dumps({"component": args.component, **report}))
+
+
+def drop_source_path(config: Path) -> None:
+    """save_pretrained records the folder an --init run loaded from (`_name_or_path`): a path on the training
+    machine, meaningless in a shipped checkpoint."""
+    if config.exists():
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
