@@ -112,9 +112,13 @@ def measure_model(model_name: str, pairs, seconds: float, seeds: int, steps: int
     for name, attribute_pairs in pairs.items():
         feature = FEATURES[name][0]
         values = {key: feature(wave, pipeline.model.sample_rate) for key, wave in waves.items()}
-        correct = [values[(caption(b), seed)] > values[(caption(a), seed)]
-                   for (a, b), seed in itertools.product(attribute_pairs, range(seeds))]
-        results[name] = {"pairs": len(correct), "ordered": float(np.mean(correct))}
+        correct, misordered = [], []
+        for (a, b), seed in itertools.product(attribute_pairs, range(seeds)):
+            low, high = values[(caption(a), seed)], values[(caption(b), seed)]
+            correct.append(high > low)
+            if not correct[-1]:  # for finding where the model loses an attribute
+                misordered.append({"seed": seed, "prompts": [caption(a), caption(b)], "values": [low, high]})
+        results[name] = {"pairs": len(correct), "ordered": float(np.mean(correct)), "misordered": misordered}
     return {"prompts": len(prompts), "generate_s": generate_s, **results}
 
 
