@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -47,13 +49,18 @@ class DiffusionPolicy(nn.Module):
 
         The initial noise is drawn from `generator` unless given (a server draws it per request, so a
         request's answer does not depend on what it was batched with)."""
+        cond, noise = self._inputs(obs, generator, noise)
+        actions = self.sampler(self.denoiser, solver, noise, cond, generator, accelerator)
+        return self.action_normalizer.unnormalize(actions).to(obs.device)
+
+    def _inputs(self, obs: torch.Tensor, generator, noise: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+        """The conditioning and the initial noise, on the policy's device (the noise is drawn on the CPU)."""
         self.check_observations(obs)
-        device = self.obs_normalizer.min.device  # where the policy lives; the noise is drawn on the CPU regardless
+        device = self.obs_normalizer.min.device
         cond = {"obs": self.obs_normalizer.normalize(obs.to(device, torch.float32))}
         if noise is None:
             noise = self.initial_noise(obs.shape[0], generator)
-        actions = self.sampler(self.denoiser, solver, noise.to(device), cond, generator, accelerator)
-        return self.action_normalizer.unnormalize(actions).to(obs.device)
+        return cond, noise.to(device)
 
     def initial_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn((batch, self.config.horizon, self.config.action_dim), generator=generator, dtype=torch.float32)
@@ -68,6 +75,23 @@ class DiffusionPolicy(nn.Module):
                         accelerator: Accelerator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """The actions to execute, (B, n_action_steps, action_dim): the chunk from the current step on."""
         return self.executed(self.predict_chunk(obs, solver, generator, accelerator, noise))
+
+    @torch.no_grad()
+    def action_steps(self, obs: torch.Tensor, solver: Solver, generator: torch.Generator | None = None,
+                     accelerator: Accelerator | None = None,
+                     noise: torch.Tensor | None = None) -> Iterator[torch.Tensor | None]:
+        """`predict_actions` one solver step at a time, so that a server can answer others between steps: yields
+        None after every step but the last, then the actions. A backend that replaced the whole sampler (captured
+        CUDA graphs) cannot stop midway and yields the actions at once."""
+        if self.sampler is not sample:
+            yield self.predict_actions(obs, solver, generator, accelerator, noise)
+            return
+        cond, noise = self._inputs(obs, generator, noise)
+        last = len(solver.timesteps) - 1
+        for step in trajectory(self.denoiser, solver, noise, cond, generator, accelerator):
+            if step.i < last:
+                yield None
+        yield self.executed(self.action_normalizer.unnormalize(step.x).to(obs.device))
 
     @torch.no_grad()
     def refine_actions(self, obs: torch.Tensor, solver: Solver, noise: torch.Tensor,

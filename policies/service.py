@@ -75,13 +75,21 @@ class PolicyService:
         return torch.Generator().manual_seed(seed) if seed is not None else self.generator
 
     def run_batch(self, messages: list[Message]) -> list[dict[str, np.ndarray]]:
+        *_, outputs = self.act_steps(messages)
+        return outputs
+
+    def act_steps(self, messages: list[Message]):
+        """`run_batch` one solver step at a time: yields None after each step but the last, then the replies'
+        arrays. The server steps a batch so that a request from a lighter client can go first (runtime/server.py)."""
         obs = torch.from_numpy(np.stack([m.arrays["obs"] for m in messages]))
         generators = [self._generator(m) for m in messages]
         noise = torch.cat([self.policy.initial_noise(1, g) for g in generators])
         accelerator = self.new_accelerator()  # DDPM's per-step noise: row by row, each request's own generator
-        actions = self.policy.predict_actions(obs, self.solver, generators, accelerator, noise)
+        for actions in self.policy.action_steps(obs, self.solver, generators, accelerator, noise):
+            if actions is None:
+                yield None
         self._record(accelerator)
-        return [{"actions": a} for a in actions.numpy()]
+        yield [{"actions": a} for a in actions.numpy()]
 
     def stream(self, message: Message):
         """Yields (arrays, result, final) per solver step."""

@@ -19,7 +19,11 @@ late (runtime/fairness.py), so a client flooding one model fills only its own
 queue (`max_queue_per_client`) and is refused beyond it while a light client's
 request goes into the next batch. When requests carry deadlines, batches are
 kept short enough that one arriving while a batch computes can still make its
-deadline. A client may hold at most
+deadline. A service that offers `act_steps` (a policy) computes a batch one
+denoising step per job, and a request from a client much lighter than any in
+that batch (at most half as many queued) starts its own batch at the next
+step, the interrupted one resuming after it: a control loop beside a flood
+waits one step, not a batch. A client may hold at most
 `max_streams_per_client` open streams.
 
 Every failure is a reply with an error code (runtime/protocol.py); a reply that
@@ -45,7 +49,7 @@ import zmq
 from rtdiff.runtime.fairness import FairBatcher
 from rtdiff.runtime.service import check_arrays, check_request, check_service, describe
 from rtdiff.runtime.stats import percentiles
-from rtdiff.runtime.workers import ModelWorker
+from rtdiff.runtime.workers import Done, ModelWorker
 from rtdiff_client.protocol import (ERRORS, OPS, Limits, Message, ProtocolError, _request_id, decode, error_reply,
                                     recv_frames, reply, send_frames)
 
@@ -53,6 +57,9 @@ log = logging.getLogger("rtdiff.server")
 
 DEFAULT_CREDITS, MAX_CREDITS = 4, 64
 READS_PER_TURN = 64
+# between two steps of a batch, fewer: each read delays the step, and a flood would stretch a control loop's own
+# batch by a few ms a step. ZeroMQ fair-queues its peers, so a light client's request is still among the first few.
+READS_BETWEEN_STEPS = 8
 # plain ints: pyzmq's flag enums cost microseconds per operation on the per-message path
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 IDLE_WAKE_S = 0.1  # the loop wakes this often with nothing to do: to notice a stop, run out leases, read keys
@@ -95,6 +102,18 @@ class Pending:
 
 
 @dataclass
+class SteppedBatch:
+    """A batch computing one denoising step per job (the service's `act_steps`), so the loop can put a lighter
+    client's batch before the rest of it."""
+
+    batch: list[Pending]
+    steps: object  # the service's iterator: None after each step but the last, then the replies' arrays
+    lightest: int  # the fewest requests any of its clients had queued when it was taken
+    started: float | None = None
+    compute_s: float = 0.0  # its own steps' time, without the batches that went before it meanwhile
+
+
+@dataclass
 class Stream:
     envelope: list
     message: Message
@@ -133,7 +152,7 @@ class Stats:
     """Counts and latency windows (the last `window` requests), all bounded."""
 
     COUNTS = ("received", "replies_ok", "batches", "replies_unroutable", "replies_dropped_full", "stale_grants",
-              "streams_done", "streams_client_gone", "leases_expired")
+              "streams_done", "streams_client_gone", "leases_expired", "batches_preempted")
 
     def __init__(self, window: int = 10_000):
         self.counts: dict[str, int] = defaultdict(int, {key: 0 for key in self.COUNTS})  # zeros are reported too
@@ -170,6 +189,9 @@ class Server:
         self.compute_ms: dict[str, float] = {name: 0.0 for name in services}  # recent batch time, for deadlines
         self.fair = {name: FairBatcher(self.config.max_batch) for name in services}
         self.streams: dict[tuple, Stream] = {}
+        # per model, the stepped batches begun and not finished: the last is computing, each under it was put
+        # aside for it at a step boundary
+        self.running: dict[str, list[SteppedBatch]] = {name: [] for name in services}
         self._ops = {op: getattr(self, f"_op_{op}") for op in OPS}
         self._more_waiting = False  # another message is waiting on the socket (set per message read)
         self._prefer_stream: dict[str, bool] = {name: False for name in services}
@@ -280,12 +302,12 @@ class Server:
                 events = zmq.zmq_poll(items, self._poll_timeout_ms())  # the backend call: no Poller objects
                 for socket, _ in events:
                     if socket is self.socket:
-                        self._read_all()
+                        self._read_all(READS_BETWEEN_STEPS if any(self.running.values()) else READS_PER_TURN)
                     else:
                         self._take_done()
                 now = time.monotonic()
                 self._watch_clients(now)
-                if self.streams or self._queued_total():  # else nothing can expire or be dispatched
+                if self._has_work():  # else nothing can expire or be dispatched
                     self._expire(now)
                     for name, worker in self.workers.items():
                         if not worker.busy:
@@ -297,14 +319,16 @@ class Server:
     def stop(self) -> None:
         self.stop_event.set()
 
-    def _queued_total(self) -> int:
-        return sum(self.queued.values())
+    def _has_work(self) -> bool:
+        return bool(self.streams) or any(self.queued.values()) or any(self.running.values())
 
     def _poll_timeout_ms(self) -> int:
-        if not self.streams and not self._queued_total():
+        if not self._has_work():
             return math.ceil(IDLE_WAKE_S * 1e3)
         if any(s.ready() and not self.workers[s.message.model].busy for s in self.streams.values()):
             return 0
+        if any(batches and not self.workers[name].busy for name, batches in self.running.items()):
+            return 0  # a stepped batch's next step
         now = time.monotonic()
         wake = now + IDLE_WAKE_S
         for name in self.queues:
@@ -319,11 +343,11 @@ class Server:
         for client_queue in self.queues[name].values():
             yield from client_queue
 
-    def _read_all(self) -> None:
+    def _read_all(self, most: int) -> None:
         # EVENTS says whether a message is waiting; cheaper than a non-blocking read that ends in zmq.Again.
-        # At most READS_PER_TURN: under a flood the loop must still send replies and give workers their jobs
+        # At most `most`: under a flood the loop must still send replies and give workers their jobs
         # (ZeroMQ fair-queues the peers, so every client's next message is among the next few reads).
-        for _ in range(READS_PER_TURN):
+        for _ in range(most):
             try:
                 frames = recv_frames(self.socket, _NOBLOCK)
             except zmq.Again:
@@ -378,6 +402,7 @@ class Server:
     def _op_stats(self, envelope, message, arrival, deadline) -> None:
         report = self.stats.report()
         report["models"] = {name: {"queued": self.queued[name], "busy": self.workers[name].busy,
+                                   "batches_computing": len(self.running[name]),
                                    "batch_cap": self.fair[name].cap, **service.stats()}
                             for name, service in self.services.items()}
         report["streams"] = len(self.streams)
@@ -387,7 +412,10 @@ class Server:
         """Whether this client has a request or stream with this id queued or open (ids are unique in flight)."""
         if (client, request_id) in self.streams:
             return True
-        return any(p.message.id == request_id for clients in self.queues.values() for p in clients.get(client, ()))
+        if any(p.message.id == request_id for clients in self.queues.values() for p in clients.get(client, ())):
+            return True
+        return any(p.envelope[0] == client and p.message.id == request_id
+                   for batches in self.running.values() for job in batches for p in job.batch)
 
     def _op_act(self, envelope, message, arrival, deadline) -> None:
         if self._in_flight(envelope[0], message.id):
@@ -409,7 +437,7 @@ class Server:
             self.fair[name].saw_deadline((deadline - arrival) * 1e3, arrival)
         if self._idle(name):  # nothing to wait for and nothing to batch with: computed now, never queued
             self.fair[name].charge(client, arrival)
-            self._run_batch(name, [pending])
+            self._run_batch(name, [pending], lightest=1)
             return
         self.queues[name].setdefault(client, deque()).append(pending)
         self.queued[name] += 1
@@ -419,7 +447,7 @@ class Server:
         queued for it, no stream of it is waiting for a step, batches do not wait (max_wait_ms 0), and no other
         message is waiting on the socket (a burst of requests is still read whole and batched)."""
         return (not self.queued[name] and self.config.max_wait_ms <= 0 and not self.workers[name].busy
-                and not self._more_waiting
+                and not self._more_waiting and not self.running[name]
                 and not any(s.message.model == name and s.ready() for s in self.streams.values()))
 
     def _op_stream(self, envelope, message, arrival, deadline) -> None:
@@ -570,7 +598,12 @@ class Server:
     # -- work: the loop hands jobs to the models' workers and sends what comes back ----------------------------
 
     def _dispatch(self, name: str, now: float) -> None:
-        """Give an idle model its next job: a due batch or a stream step, alternating when both wait."""
+        """Give an idle model its next job: a due batch or a stream step, alternating when both wait. A stepped
+        batch counts as one job: it goes on step by step until it is done, except that a lighter client's
+        requests, arriving meanwhile, go first."""
+        if self.running[name]:
+            self._continue_batches(name, now)
+            return
         batch_due = self._batch_due(name, now)
         streams = [s for s in self.streams.values() if s.message.model == name and s.ready()]
         if streams and (not batch_due or self._prefer_stream[name]):
@@ -581,27 +614,67 @@ class Server:
             self._prefer_stream[name] = True
             self._run_batch(name)
 
-    def _take_batch(self, name: str) -> list[Pending]:
+    def _continue_batches(self, name: str, now: float) -> None:
+        """The next step of the model's stepped batches: a new batch of the clients much lighter than the current
+        one's (at most half as many queued as any of its clients had), put before it; or the current one's next step, unless every
+        request in it has passed its deadline (then it is dropped, uncomputed further)."""
+        running = self.running[name]
+        current = running[-1]
+        if self.queued[name]:
+            lighter, lightest = self._take_batch(name, at_most=current.lightest // 2)
+            if lighter:
+                self.stats.counts["batches_preempted"] += 1
+                self._run_batch(name, lighter, lightest)
+                return
+        if all(p.deadline is not None and p.deadline <= now for p in current.batch):
+            running.pop()
+            for pending in current.batch:
+                self._send_error(pending.envelope, "deadline_exceeded", "deadline passed while computing",
+                                 pending.message.id, "act")
+            if running:
+                self._continue_batches(name, now)
+            return
+        self._step_batch(name, current)
+
+    def _take_batch(self, name: str, at_most: int | None = None) -> tuple[list[Pending], int]:
         """Up to the model's batch cap of requests, each from the client whose turn it is (runtime/fairness.py:
         fewest queued, then least served of late): a light client's request goes into the next batch ahead of a
-        flood, and clients that ask equally much alternate."""
+        flood, and clients that ask equally much alternate. With `at_most`, only from clients with at most that
+        many requests queued (half: flooders whose queues differ by a request do not interrupt each other). Also returns the fewest any of the batch's clients had queued (the first's)."""
         clients, fair, now = self.queues[name], self.fair[name], time.monotonic()
         batch = []
         while clients and len(batch) < fair.cap:
             client = fair.next_client(clients, now)
             mine = clients[client]
+            if at_most is not None and len(mine) > at_most:
+                break  # the client picked has the fewest queued: no one left is lighter
+            if not batch:
+                lightest = len(mine)
             batch.append(mine.popleft())
             fair.charge(client, now)
             if not mine:
                 del clients[client]
         self.queued[name] -= len(batch)
-        return batch
+        return batch, (lightest if batch else 0)
 
-    def _run_batch(self, name: str, batch: list[Pending] | None = None) -> None:
-        batch = batch or self._take_batch(name)
-        done = self.workers[name].submit(batch, lambda service: service.run_batch([p.message for p in batch]))
+    def _run_batch(self, name: str, batch: list[Pending] | None = None, lightest: int = 1) -> None:
+        if batch is None:
+            batch, lightest = self._take_batch(name)
+        service = self.services[name]
+        messages = [p.message for p in batch]
+        if hasattr(service, "act_steps"):
+            job = SteppedBatch(batch, service.act_steps(messages), lightest)
+            self.running[name].append(job)
+            self._step_batch(name, job)
+            return
+        done = self.workers[name].submit(batch, lambda service: service.run_batch(messages))
         if done is not None:  # computed inline
             self._finish_batch(done)
+
+    def _step_batch(self, name: str, job: SteppedBatch) -> None:
+        done = self.workers[name].submit(job, lambda service: next(job.steps))
+        if done is not None:
+            self._finish_batch_step(done)
 
     def _step(self, stream: Stream, now: float) -> None:
         stream.in_flight, stream.last_step = True, now
@@ -623,17 +696,30 @@ class Server:
             self.workers[done.model].busy = False
             if isinstance(done.job, Stream):
                 self._finish_step(done)
+            elif isinstance(done.job, SteppedBatch):
+                self._finish_batch_step(done)
             else:
                 self._finish_batch(done)
 
-    def _finish_batch(self, done) -> None:
+    def _finish_batch_step(self, done) -> None:
+        job = done.job
+        job.started = done.start if job.started is None else job.started
+        job.compute_s += done.end - done.start
+        if done.output is None:  # more steps to go: `_dispatch` gives the next
+            return
+        self.running[done.model].remove(job)
+        self._finish_batch(Done(done.model, job.batch, done.output, job.started, done.end), job.compute_s * 1e3)
+
+    def _finish_batch(self, done, compute_ms: float | None = None) -> None:
+        """Reply to a finished batch. `compute_ms`: its own compute time, where other work ran between its steps."""
         batch, name = done.job, done.model
         if isinstance(done.output, Exception):
             for pending in batch:
                 self._send_error(pending.envelope, "internal", f"model failed: {type(done.output).__name__}",
                                  pending.message.id, "act")
             return
-        compute_ms = (done.end - done.start) * 1e3
+        if compute_ms is None:
+            compute_ms = (done.end - done.start) * 1e3
         self.fair[name].finished(len(batch), compute_ms, done.end)
         delivered = []
         for pending, arrays in zip(batch, done.output):  # replies first: the bookkeeping below is not on their clock
@@ -690,6 +776,11 @@ class Server:
                 self._send_error(pending.envelope, "unavailable", "server shutting down", pending.message.id, "act")
             self.queues[name].clear()
             self.queued[name] = 0
+            for job in self.running[name]:
+                for pending in job.batch:
+                    self._send_error(pending.envelope, "unavailable", "server shutting down", pending.message.id,
+                                     "act")
+            self.running[name].clear()
         for stream in self.streams.values():
             self._send_error(stream.envelope, "unavailable", "server shutting down", stream.message.id, stream.message.op)
         self.streams.clear()

