@@ -118,6 +118,7 @@ def measure_flood(seconds: float, flooders: int, model: str = "pusht-unet", mode
             "latency_ms_p99": float(np.percentile(latencies, 99)) if latencies else None,
             "failure_messages": messages, "flood": flood,
             "server": {"errors": stats["errors"], "mean_batch": stats["mean_batch"], "compute_ms": stats["compute_ms"],
+                       "batches_preempted": stats["counts"].get("batches_preempted"),
                        "batch_cap_after": stats["models"]["pusht"].get("batch_cap")}}
 
 

@@ -56,10 +56,10 @@ from rtdiff_client.protocol import (ERRORS, OPS, Limits, Message, ProtocolError,
 log = logging.getLogger("rtdiff.server")
 
 DEFAULT_CREDITS, MAX_CREDITS = 4, 64
-READS_PER_TURN = 64
-# between two steps of a batch, fewer: each read delays the step, and a flood would stretch a control loop's own
-# batch by a few ms a step. ZeroMQ fair-queues its peers, so a light client's request is still among the first few.
-READS_BETWEEN_STEPS = 8
+# messages read per turn of the loop. Few: the loop turns between two steps of a batch, where each read delays the
+# step, and under a flood every message read costs CPU the models compute on. ZeroMQ fair-queues its peers, so a
+# light client's request is still among the first few read.
+READS_PER_TURN = 8
 # plain ints: pyzmq's flag enums cost microseconds per operation on the per-message path
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 IDLE_WAKE_S = 0.1  # the loop wakes this often with nothing to do: to notice a stop, run out leases, read keys
@@ -302,7 +302,7 @@ class Server:
                 events = zmq.zmq_poll(items, self._poll_timeout_ms())  # the backend call: no Poller objects
                 for socket, _ in events:
                     if socket is self.socket:
-                        self._read_all(READS_BETWEEN_STEPS if any(self.running.values()) else READS_PER_TURN)
+                        self._read_all()
                     else:
                         self._take_done()
                 now = time.monotonic()
@@ -343,11 +343,11 @@ class Server:
         for client_queue in self.queues[name].values():
             yield from client_queue
 
-    def _read_all(self, most: int) -> None:
+    def _read_all(self) -> None:
         # EVENTS says whether a message is waiting; cheaper than a non-blocking read that ends in zmq.Again.
-        # At most `most`: under a flood the loop must still send replies and give workers their jobs
+        # At most READS_PER_TURN: under a flood the loop must still send replies and give workers their jobs
         # (ZeroMQ fair-queues the peers, so every client's next message is among the next few reads).
-        for _ in range(most):
+        for _ in range(READS_PER_TURN):
             try:
                 frames = recv_frames(self.socket, _NOBLOCK)
             except zmq.Again:
@@ -640,7 +640,8 @@ class Server:
         """Up to the model's batch cap of requests, each from the client whose turn it is (runtime/fairness.py:
         fewest queued, then least served of late): a light client's request goes into the next batch ahead of a
         flood, and clients that ask equally much alternate. With `at_most`, only from clients with at most that
-        many requests queued (half: flooders whose queues differ by a request do not interrupt each other). Also returns the fewest any of the batch's clients had queued (the first's)."""
+        many requests queued (half: flooders whose queues differ by a request do not interrupt each other). Also
+        returns how many the first (the lightest) had queued."""
         clients, fair, now = self.queues[name], self.fair[name], time.monotonic()
         batch = []
         while clients and len(batch) < fair.cap:
