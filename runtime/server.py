@@ -616,8 +616,8 @@ class Server:
 
     def _continue_batches(self, name: str, now: float) -> None:
         """The next step of the model's stepped batches: a new batch of the clients much lighter than the current
-        one's (at most half as many queued as any of its clients had), put before it; or the current one's next step, unless every
-        request in it has passed its deadline (then it is dropped, uncomputed further)."""
+        one's (at most half as many queued as any of its clients had), put before it; or the current one's next
+        step, unless every request in it has passed its deadline (then it is dropped, uncomputed further)."""
         running = self.running[name]
         current = running[-1]
         if self.queued[name]:
@@ -643,7 +643,7 @@ class Server:
         many requests queued (half: flooders whose queues differ by a request do not interrupt each other). Also
         returns how many the first (the lightest) had queued."""
         clients, fair, now = self.queues[name], self.fair[name], time.monotonic()
-        batch = []
+        batch, lightest = [], 0
         while clients and len(batch) < fair.cap:
             client = fair.next_client(clients, now)
             mine = clients[client]
@@ -656,7 +656,7 @@ class Server:
             if not mine:
                 del clients[client]
         self.queued[name] -= len(batch)
-        return batch, (lightest if batch else 0)
+        return batch, lightest
 
     def _run_batch(self, name: str, batch: list[Pending] | None = None, lightest: int = 1) -> None:
         if batch is None:
