@@ -190,6 +190,9 @@ def add_commands(commands) -> None:
     train.add_argument("--out", required=True, help="the MusicLDM folder the component is written into")
     train.add_argument("--steps", type=int, default=2000)
     train.add_argument("--clips", type=int, default=2000, help="synthetic clips to train on")
+    train.add_argument("--clip-seconds", type=float, default=2.56,
+                       help="unet: length of its training clips (a multiple of 0.08 s: the latent's frames halve "
+                            "three times)")
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=2)

@@ -245,7 +245,8 @@ CFG_DROPOUT = 0.1  # the share of clips trained with the unconditional embedding
 EMA_DECAY = 0.999
 
 
-def train_unet(out: Path, steps: int, clips_count: int, batch: int, seed: int, init: bool) -> dict:
+def train_unet(out: Path, steps: int, clips_count: int, batch: int, seed: int, init: bool,
+               clip_seconds: float = CLIP_SECONDS) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, ClapModel
 
@@ -257,7 +258,7 @@ def train_unet(out: Path, steps: int, clips_count: int, batch: int, seed: int, i
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
     text_encoder = ClapModel.from_pretrained(out / "text_encoder").eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
-    clips, waves = clips_and_waves(clips_count, CLIP_SECONDS, seed + 3)
+    clips, waves = clips_and_waves(clips_count, clip_seconds, seed + 3)
     with torch.no_grad():
         mels = log_mels(waves)
         latents = torch.cat([vae.encode(mels[i:i + 64, None]).latent_dist.mode()
@@ -298,7 +299,8 @@ def train_unet(out: Path, steps: int, clips_count: int, batch: int, seed: int, i
             p.copy_(ema[name])
     model.eval()
     model.save_pretrained(out / "unet", safe_serialization=True)
-    report = {"steps": steps, "clips": clips_count, "batch": batch, "cfg_dropout": CFG_DROPOUT,
+    report = {"steps": steps, "clips": clips_count, "clip_seconds": clip_seconds, "batch": batch,
+              "cfg_dropout": CFG_DROPOUT,
               "ema_decay": EMA_DECAY, "loss_last_100": float(np.mean(losses[-100:]))}
     return report
 
@@ -327,7 +329,9 @@ def cmd_train(args) -> None:
     started = time.time()
     component_folder = Path(args.out) / COMPONENT_FOLDERS[args.component]
     before = earlier_commands(component_folder) if args.init else []
-    report = TRAINERS[args.component](Path(args.out), args.steps, args.clips, args.batch_size, args.seed, args.init)
+    options = {"clip_seconds": args.clip_seconds} if args.component == "unet" else {}
+    report = TRAINERS[args.component](Path(args.out), args.steps, args.clips, args.batch_size, args.seed, args.init,
+                                      **options)
     report["wall_s"] = time.time() - started
     stamp(component_folder, command_line(), report, init_commands=before)
     drop_source_path(component_folder / "config.json")
