@@ -101,10 +101,28 @@ def test_a_flood_does_not_starve_a_client_at_10_hz():
                 except (ServerError, TimeoutError) as error:
                     late.append(str(error))
                 time.sleep(max(0.0, 0.1 - (time.monotonic() - start)))
-            refused = client.stats()["errors"].get("overloaded", 0)
         sent = [int(flooder.communicate(timeout=30)[0]) for flooder in flooders]
-    assert sum(sent) > 1000 and refused > 0  # the flood was real, and refused beyond its own queue
+    # the flood was real; what the server does not read in time waits in ZeroMQ's queues (8 reads a turn), where
+    # it costs the server nothing, so it may never fill its per-client queue (capped: the test below)
+    assert sum(sent) > 1000
     assert answered >= 40 * 0.99, late  # (before per-client queues and bounded reads: 0 of 47)
+
+
+def test_a_client_s_queue_is_capped_and_requests_beyond_it_refused_without_refusing_others():
+    stepper = Stepper(step_s=0.05, steps=4)
+    with ServerThread({"step": stepper}, max_queue_per_client=4) as server:
+        with Client(server.address, model="step", timeout_ms=5000, retries=0) as heavy, \
+                Client(server.address, model="step", timeout_ms=5000, retries=0) as light:
+            ids = [heavy.submit("act", {"x": X, "ids": IDS}, scale=1.0) for _ in range(12)]
+            assert light.call("act", {"x": X, "ids": IDS}, scale=2.0).arrays["y"][0, 0] == 2.0
+            answered, refused = 0, 0
+            for request_id in ids:
+                try:
+                    answered += heavy.result(request_id).arrays["y"][0, 0] == 1.0
+                except ServerError as error:
+                    assert "overloaded: this client has 4 requests queued" in str(error)
+                    refused += 1
+    assert refused > 0 and answered + refused == 12 and answered >= 4
 
 
 def test_a_lighter_client_s_request_goes_first_at_the_next_step_of_a_batch():
