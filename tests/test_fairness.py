@@ -1,6 +1,7 @@
 """Serving under abuse, bounded in time: a flood against a 10 Hz client, stream hoarding, vanished clients,
 a slow model beside a fast one, requests already late on arrival. Fake services only."""
 
+import contextlib
 import time
 
 import msgpack
@@ -108,33 +109,37 @@ def test_a_flood_does_not_starve_a_client_at_10_hz():
     assert answered >= 40 * 0.99, late  # (before per-client queues and bounded reads: 0 of 47)
 
 
-def test_a_client_s_queue_is_capped_and_requests_beyond_it_refused_without_refusing_others():
-    stepper = Stepper(step_s=0.05, steps=4)
-    with ServerThread({"step": stepper}, max_queue_per_client=4) as server:
+@contextlib.contextmanager
+def heavy_and_light(service, **config):
+    """Two clients of one served model, `step`."""
+    with ServerThread({"step": service}, **config) as server:
         with Client(server.address, model="step", timeout_ms=5000, retries=0) as heavy, \
                 Client(server.address, model="step", timeout_ms=5000, retries=0) as light:
-            ids = [heavy.submit("act", {"x": X, "ids": IDS}, scale=1.0) for _ in range(12)]
-            assert light.call("act", {"x": X, "ids": IDS}, scale=2.0).arrays["y"][0, 0] == 2.0
-            answered, refused = 0, 0
-            for request_id in ids:
-                try:
-                    answered += heavy.result(request_id).arrays["y"][0, 0] == 1.0
-                except ServerError as error:
-                    assert "overloaded: this client has 4 requests queued" in str(error)
-                    refused += 1
+            yield heavy, light
+
+
+def test_a_client_s_queue_is_capped_and_requests_beyond_it_refused_without_refusing_others():
+    with heavy_and_light(Stepper(step_s=0.05, steps=4), max_queue_per_client=4) as (heavy, light):
+        ids = [heavy.submit("act", {"x": X, "ids": IDS}, scale=1.0) for _ in range(12)]
+        assert light.call("act", {"x": X, "ids": IDS}, scale=2.0).arrays["y"][0, 0] == 2.0
+        answered, refused = 0, 0
+        for request_id in ids:
+            try:
+                answered += heavy.result(request_id).arrays["y"][0, 0] == 1.0
+            except ServerError as error:
+                assert "overloaded: this client has 4 requests queued" in str(error)
+                refused += 1
     assert refused > 0 and answered + refused == 12 and answered >= 4
 
 
 def test_a_lighter_client_s_request_goes_first_at_the_next_step_of_a_batch():
     stepper = Stepper(step_s=0.1, steps=5)
-    with ServerThread({"step": stepper}, max_wait_ms=50) as server:
-        with Client(server.address, model="step", timeout_ms=5000, retries=0) as heavy, \
-                Client(server.address, model="step", timeout_ms=5000, retries=0) as light:
-            heavy_ids = [heavy.submit("act", {"x": X, "ids": IDS}, scale=1.0) for _ in range(8)]
-            time.sleep(0.2)  # the heavy client's batch is at its second or third step
-            assert light.call("act", {"x": X, "ids": IDS}, scale=2.0).arrays["y"][0, 0] == 2.0
-            assert all(heavy.result(request_id).arrays["y"][0, 0] == 1.0 for request_id in heavy_ids)
-            preempted = light.stats()["counts"]["batches_preempted"]
+    with heavy_and_light(stepper, max_wait_ms=50) as (heavy, light):
+        heavy_ids = [heavy.submit("act", {"x": X, "ids": IDS}, scale=1.0) for _ in range(8)]
+        time.sleep(0.2)  # the heavy client's batch is at its second or third step
+        assert light.call("act", {"x": X, "ids": IDS}, scale=2.0).arrays["y"][0, 0] == 2.0
+        assert all(heavy.result(request_id).arrays["y"][0, 0] == 1.0 for request_id in heavy_ids)
+        preempted = light.stats()["counts"]["batches_preempted"]
     assert stepper.finished[0] == [2.0] and sum(stepper.finished[1:], []) == [1.0] * 8
     assert preempted == 1
     assert stepper.steps_computed == 5 * len(stepper.finished)  # the heavy batch resumed, not restarted
