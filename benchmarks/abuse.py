@@ -41,9 +41,11 @@ def free_address() -> str:
 
 
 @contextlib.contextmanager
-def serving(*models: str, model_threads: bool = False, server_nice: int = 0):
+def serving(*models: str, model_threads: bool = False, server_nice: int = 0, server_threads: int = 1,
+            server_backend: str = "torch"):
     address = free_address()
-    command = [*(["nice", "-n", str(server_nice)] if server_nice else []), sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--bind", address, "--threads", "1",
+    command = [*(["nice", "-n", str(server_nice)] if server_nice else []), sys.executable, "-m", "rtdiff.runtime.cli", "serve",
+               "--bind", address, "--threads", str(server_threads), "--backend", server_backend,
                *(["--model-threads"] if model_threads else []), *(f"--model={m}" for m in models)]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
@@ -80,8 +82,10 @@ def flooder(address: str, model: str, seconds: float, queue, cpus: tuple[int, ..
 
 
 def measure_flood(seconds: float, flooders: int, model: str = "pusht-unet", model_threads: bool = False,
-                  flooder_cpus: tuple[int, ...] | None = None, server_nice: int = 0) -> dict:
-    with serving(f"pusht={model}", model_threads=model_threads, server_nice=server_nice) as address:
+                  flooder_cpus: tuple[int, ...] | None = None, server_nice: int = 0, server_threads: int = 1,
+                  server_backend: str = "torch") -> dict:
+    with serving(f"pusht={model}", model_threads=model_threads, server_nice=server_nice,
+                 server_threads=server_threads, server_backend=server_backend) as address:
         with Client(address, model="pusht", timeout_ms=20_000) as client:  # warm: the model has run once
             client.act(np.full((2, 5), 100.0, np.float32))
         results = mp.get_context("spawn").Queue()
@@ -112,7 +116,8 @@ def measure_flood(seconds: float, flooders: int, model: str = "pusht-unet", mode
         with Client(address, model="pusht", timeout_ms=5000) as client:
             stats = client.stats()
     return {"scenario": "flood", "model": model, "model_threads": model_threads, "flooders": flooders,
-            "flooder_cpus": flooder_cpus, "server_nice": server_nice, "seconds": seconds, "asked": asked, "in_time": in_time,
+            "flooder_cpus": flooder_cpus, "server_nice": server_nice, "server_threads": server_threads,
+            "server_backend": server_backend, "seconds": seconds, "asked": asked, "in_time": in_time,
             "in_time_fraction": in_time / asked, "failures": failures,
             "latency_ms_p50": float(np.percentile(latencies, 50)) if latencies else None,
             "latency_ms_p99": float(np.percentile(latencies, 99)) if latencies else None,
@@ -160,11 +165,14 @@ def main() -> None:
     parser.add_argument("--flooder-cpus", help="flood: confine the flooding processes to these cores (e.g. 1)")
     parser.add_argument("--server-nice", type=int, default=0,
                         help="flood: start the server under `nice -n N` (negative: a higher priority; needs the right)")
+    parser.add_argument("--server-threads", type=int, default=1, help="flood: the server's torch threads (--threads)")
+    parser.add_argument("--server-backend", default="torch", help="flood: the server's --backend")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.scenario == "flood":
         cpus = tuple(int(c) for c in args.flooder_cpus.split(",")) if args.flooder_cpus else None
-        result = measure_flood(args.seconds, args.flooders, args.model, args.model_threads, cpus, args.server_nice)
+        result = measure_flood(args.seconds, args.flooders, args.model, args.model_threads, cpus, args.server_nice,
+                               args.server_threads, args.server_backend)
     else:
         result = measure_slow_stream(args.episodes, args.workers)
     print(json.dumps(result, indent=1))
