@@ -197,4 +197,6 @@ def add_commands(commands) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=2)
     train.add_argument("--init", action="store_true", help="go on from the component already in --out")
+    train.add_argument("--adversarial", action="store_true",
+                       help="vocoder: train against HiFi-GAN's period and scale discriminators as well")
     train.set_defaults(run=cmd_train)

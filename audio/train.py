@@ -206,27 +206,49 @@ def train_vae(out: Path, steps: int, clips_count: int, batch: int, seed: int, in
 VOCODER_FRAMES = 32  # mel frames per training segment: 5120 samples
 
 
-def train_vocoder(out: Path, steps: int, clips_count: int, batch: int, seed: int, init: bool) -> dict:
+ADVERSARIAL_WEIGHT = 0.1  # HiFi-GAN's balance of adversarial 1 : feature matching 2 : mel L1 45, against 4.5 here
+
+
+def train_vocoder(out: Path, steps: int, clips_count: int, batch: int, seed: int, init: bool,
+                  adversarial: bool = False) -> dict:
+    """Spectral losses (mel L1 and multi-resolution STFT distance); `adversarial` adds HiFi-GAN's period and
+    scale discriminators (audio/discriminators.py) and their least-squares and feature-matching losses."""
     from transformers import SpeechT5HifiGan
+
+    from rtdiff.audio.discriminators import WaveDiscriminators, discriminator_loss, generator_loss
 
     torch.manual_seed(seed)
     model = SpeechT5HifiGan.from_pretrained(out / "vocoder") if init else tiny.vocoder_model()
     _, waves = clips_and_waves(clips_count, CLIP_SECONDS, seed + 2)
     mels = log_mels(waves)
     rng = np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.8, 0.99))
+    lr = 2e-4 if adversarial else 2e-3  # HiFi-GAN's rate once discriminators take part
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.8, 0.99))
+    if adversarial:
+        critics = WaveDiscriminators()
+        critic_optimizer = torch.optim.AdamW(critics.parameters(), lr=lr, betas=(0.8, 0.99))
     model.train()
     segment = VOCODER_FRAMES * features.HOP
-    losses = []
+    losses, critic_losses = [], []
     for step in tqdm(range(steps), desc="vocoder", unit="step"):
-        cosine_lr(optimizer, step, steps, 2e-3)
+        cosine_lr(optimizer, step, steps, lr)
         index = rng.choice(len(waves), batch)
         starts = rng.integers(0, mels.shape[1] - VOCODER_FRAMES + 1, batch)
         mel = torch.stack([mels[i, s:s + VOCODER_FRAMES] for i, s in zip(index, starts)])
         wave = torch.stack([waves[i, s * features.HOP:s * features.HOP + segment] for i, s in zip(index, starts)])
         prediction = model(mel)
+        if adversarial:
+            cosine_lr(critic_optimizer, step, steps, lr)
+            critic_loss = discriminator_loss(critics(wave), critics(prediction.detach()))
+            critic_optimizer.zero_grad()
+            critic_loss.backward()
+            critic_optimizer.step()
+            critic_losses.append(critic_loss.item())
         mel_l1 = (features.log_mel(prediction) - features.log_mel(wave)).abs().mean()
         loss = 4.5 * mel_l1 + stft_distance(wave, prediction).mean()
+        if adversarial:
+            fooled, matching = generator_loss(critics(wave), critics(prediction))
+            loss = loss + ADVERSARIAL_WEIGHT * (fooled + 2 * matching)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -235,7 +257,9 @@ def train_vocoder(out: Path, steps: int, clips_count: int, batch: int, seed: int
     model.eval()
     model.save_pretrained(out / "vocoder", safe_serialization=True)
     report = {"steps": steps, "clips": clips_count, "batch": batch, "segment_frames": VOCODER_FRAMES,
-              "mel_l1_last_100": float(np.mean(losses[-100:]))}
+              "adversarial": adversarial, "mel_l1_last_100": float(np.mean(losses[-100:]))}
+    if adversarial:
+        report["discriminator_loss_last_100"] = float(np.mean(critic_losses[-100:]))
     return report
 
 
@@ -329,7 +353,8 @@ def cmd_train(args) -> None:
     started = time.time()
     component_folder = Path(args.out) / COMPONENT_FOLDERS[args.component]
     before = earlier_commands(component_folder) if args.init else []
-    options = {"clip_seconds": args.clip_seconds} if args.component == "unet" else {}
+    options = ({"clip_seconds": args.clip_seconds} if args.component == "unet" else
+               {"adversarial": args.adversarial} if args.component == "vocoder" else {})
     report = TRAINERS[args.component](Path(args.out), args.steps, args.clips, args.batch_size, args.seed, args.init,
                                       **options)
     report["wall_s"] = time.time() - started
