@@ -34,14 +34,7 @@ class PeriodDiscriminator(nn.Module):
         remainder = x.shape[-1] % self.period
         if remainder:
             x = F.pad(x, (0, self.period - remainder), mode="reflect")
-        x = x.unflatten(-1, (-1, self.period))  # (B, 1, T / period, period)
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), SLOPE)
-            features.append(x)
-        x = self.out(x)
-        features.append(x)
-        return x.flatten(1), features
+        return _layers(self.convs, self.out, x.unflatten(-1, (-1, self.period)))  # (B, 1, T / period, period)
 
 
 class ScaleDiscriminator(nn.Module):
@@ -55,13 +48,18 @@ class ScaleDiscriminator(nn.Module):
         self.out = nn.utils.parametrizations.weight_norm(nn.Conv1d(widths[-1], 1, 3, padding=1))
 
     def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x, features = wave[:, None], []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), SLOPE)
-            features.append(x)
-        x = self.out(x)
+        return _layers(self.convs, self.out, wave[:, None])
+
+
+def _layers(convs: nn.ModuleList, out: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(logits, every layer's activations): the activations are what feature matching compares."""
+    features = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), SLOPE)
         features.append(x)
-        return x.flatten(1), features
+    x = out(x)
+    features.append(x)
+    return x.flatten(1), features
 
 
 class WaveDiscriminators(nn.Module):
