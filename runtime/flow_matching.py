@@ -97,6 +97,10 @@ class FlowMatchEuler(Solver):
             raise ValueError(f"the flow solver takes a velocity or an eps estimate, not {kind!r}")
         return x - sigma * velocity, x + (1 - sigma) * velocity
 
+    def level(self, i):
+        sigma = float(self.sigmas[i + 1])
+        return 1.0 - sigma, sigma
+
     def velocity(self, history: History, n: int = -1) -> torch.Tensor:
         return history.eps[n] - history.x0[n]
 

@@ -57,8 +57,13 @@ def trajectory(
     cond: Conditioning | None,
     generator: torch.Generator | None = None,
     accelerator: Accelerator | None = None,
+    constrain: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[Step]:
-    """`sample`, one solver step at a time: for progress streams and anytime answers."""
+    """`sample`, one solver step at a time: for progress streams and anytime answers.
+
+    `constrain(i, x)`, if given, takes the sample after step i and returns the one the trajectory goes on from:
+    how a sliding window holds its overlap to the window before (runtime/windows.py). The solver's history keeps
+    the model's own estimates."""
     from rtdiff.runtime.accel.base import SKIP, Accelerator
 
     # every trajectory has an accelerator (`none` by default): it is also what says, at each call, that no
@@ -80,5 +85,7 @@ def trajectory(
             x0, eps = accelerator.estimate(i, x, history)
         history.append(t, x, x0, eps, model_called=called)
         x = solver.step(i, x, history, generator)
+        if constrain is not None:
+            x = constrain(i, x)
         accelerator.after_step()
         yield Step(i, x, x0, called)

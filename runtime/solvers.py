@@ -181,6 +181,14 @@ class Solver:
         """x at timesteps[i+1] (or the final sample) from x at timesteps[i] and the history up to step i."""
         raise NotImplementedError
 
+    def level(self, i: int) -> tuple[float, float]:
+        """(alpha, sigma) of the sample this solver holds after step i (i = -1: the initial sample), so that
+        alpha * x0 + sigma * noise is a clean `x0` noised to where the trajectory is: what inpainting writes
+        into the part of a sample it holds fixed. After the last step, (1, 0)."""
+        t = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
+        a = self.alpha_bar(t)
+        return float(a.sqrt()), float((1 - a).sqrt())
+
 
 class DDPM(Solver):
     """Ancestral sampling with the posterior variance ("fixed_small")."""
@@ -231,6 +239,12 @@ class DDIM(Solver):
         a_prev = self.alpha_bar(t_prev)
         return a_prev.sqrt().to(x.dtype) * history.x0[-1] + (1 - a_prev).sqrt().to(x.dtype) * history.eps[-1]
 
+    def level(self, i):
+        if i < 0:
+            return super().level(i)
+        a = self.alpha_bar(self.timesteps[i] - self.config.num_train_timesteps // self.steps)  # where `step` lands
+        return float(a.sqrt()), float((1 - a).sqrt())
+
 
 class DPMSolverPP(Solver):
     """DPM-Solver++ 2M (midpoint), data prediction, first order at the last step and while history is short."""
@@ -253,6 +267,10 @@ class DPMSolverPP(Solver):
             return torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
         a = self.alpha_bar(self.timesteps[i])
         return a.sqrt(), (1 - a).sqrt()
+
+    def level(self, i):
+        alpha, sigma = self._alpha_sigma(i + 1)
+        return float(alpha), float(sigma)
 
     def _lambda(self, i: int) -> torch.Tensor:
         alpha, sigma = self._alpha_sigma(i)
