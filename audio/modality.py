@@ -11,7 +11,16 @@ from rtdiff.runtime.registry import Modality
 
 BUNDLED = Path(__file__).resolve().parent / "checkpoints"
 
-MUSICLDM = CheckpointFormat("diffusers-musicldm", "audio", is_musicldm_folder, load_musicldm, weights=weight_files)
+
+
+def _serve(folder, run):
+    from rtdiff.audio.service import MusicService
+
+    return MusicService(folder, run)
+
+
+MUSICLDM = CheckpointFormat("diffusers-musicldm", "audio", is_musicldm_folder, load_musicldm, weights=weight_files,
+                            service=_serve)
 
 
 def _add_commands(commands) -> None:

@@ -754,9 +754,10 @@ class Server:
         if taken:  # input credit back for the chunks the session took
             stream.input_credits += taken
             self._send(stream.envelope, reply(op, message.id, result={"input_grant": taken}))
-        if output is None:  # a duplex session waiting for input: not stepped again until a chunk arrives
-            stream.waiting = not stream.arrivals
-            return
+        if output is None:
+            if stream.duplex:  # a session waiting for input: not stepped again until a chunk arrives
+                stream.waiting = not stream.arrivals
+            return  # a stream's step that finished no reply (one denoising step of a window): stepped again
         arrays, result, final = output
         timing = {"compute_ms": (done.end - done.start) * 1e3, "total_ms": (done.end - stream.arrival) * 1e3}
         stream.credits -= 1

@@ -9,7 +9,9 @@ it declared. Ops:
   offer `act_steps(messages)`, the same one denoising step at a time (yielding None after each step but the
   last, then what `run_batch` returns), and the server then steps its batches so that a lighter client's
   request need not wait for a whole batch;
-- `stream`: one request, many replies; `stream(message)` yields (arrays, result, final);
+- `stream`: one request, many replies; `stream(message)` yields (arrays, result, final) per reply, and may
+  yield None after a step of work that finishes no reply (a denoising step of a music window), so that the
+  server hands other requests to the model between its steps;
 - `duplex`: a stream whose client keeps sending input chunks (validated against `chunk_inputs`) while
   outputs flow back; `open_duplex(message)` returns a session whose `step(inputs, ended)` takes what it
   needs from the queue of received chunks and returns the next output, or None while it waits for input.

@@ -1,0 +1,128 @@
+"""Streaming music (audio/stream.py, audio/service.py) on tiny random MusicLDM components."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rtdiff.audio.components import load_musicldm
+from rtdiff.audio.pipeline import TextToMusic
+from rtdiff.audio.stream import MusicStream
+from rtdiff.runtime.windows import NoiseTimeline
+from tests.musicldm_tiny import build_tiny_musicldm
+
+PROMPT = "a fast high melody with drums"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return build_tiny_musicldm(tmp_path_factory.mktemp("musicldm") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def pipeline(folder):
+    return TextToMusic(load_musicldm(folder))
+
+
+def frames_s(pipeline, frames: int) -> float:
+    model = pipeline.model
+    return frames * model.vae_scale_factor * model.hop_length / model.sample_rate
+
+
+def stream(pipeline, frames=40, window=16, overlap=4, context=2, **options):
+    s = lambda n: frames_s(pipeline, n)  # noqa: E731
+    return MusicStream(pipeline, options.pop("prompt", PROMPT), s(frames) if frames else None, s(window), s(overlap),
+                       steps=options.pop("steps", 4), context_s=s(context), fade_s=s(1), **options)
+
+
+def chunks(music, limit=None):
+    found = []
+    for chunk in music:
+        if chunk is not None:
+            found.append(chunk)
+            if limit is not None and len(found) == limit:
+                break
+    return found
+
+
+def test_one_window_is_the_offline_generation(pipeline):
+    """A stream shorter than its window is one trajectory, decoded whole: exactly `generate` on that noise."""
+    music = stream(pipeline, frames=16, window=16, overlap=4)
+    (only,) = chunks(music)
+    shape = list(pipeline.latent_shape(1, frames_s(pipeline, 16)))
+    shape[2] = 1
+    noise = NoiseTimeline(tuple(shape), torch.Generator().manual_seed(0)).frames(0, 16)
+    offline = pipeline.generate([PROMPT], frames_s(pipeline, 16), steps=4, solver="dpmpp", latents=noise)
+    assert torch.equal(only.mel, offline.mel[0, 0]) and torch.equal(only.wave, offline.wave[0])
+    assert only.final and only.offset_s == 0
+
+
+@pytest.mark.parametrize("tie", ["inpaint", "fusion"])
+def test_chunks_join_into_the_length_asked(pipeline, tie):
+    music = stream(pipeline, frames=40, tie=tie)
+    found = chunks(music)
+    model = pipeline.model
+    samples_per_frame = model.vae_scale_factor * model.hop_length
+    assert sum(c.wave.shape[0] for c in found) == int(frames_s(pipeline, 40) * model.sample_rate)
+    assert [c.final for c in found] == [False] * (len(found) - 1) + [True]
+    offset = 0.0
+    for chunk in found:
+        assert chunk.offset_s == pytest.approx(offset)
+        assert chunk.wave.shape[0] == chunk.mel.shape[0] * model.hop_length
+        assert chunk.mel.shape[1] == model.mel_bins
+        assert torch.isfinite(chunk.wave).all()
+        offset += chunk.wave.shape[0] / model.sample_rate
+    assert found[0].wave.shape[0] == (16 - 2 if tie == "inpaint" else 12) * samples_per_frame
+
+
+def test_an_endless_stream_goes_on_and_is_causal(pipeline):
+    endless = chunks(stream(pipeline, frames=None), limit=5)
+    finite = chunks(stream(pipeline, frames=200))
+    for a, b in zip(endless, finite):
+        assert torch.equal(a.wave, b.wave)
+    assert len(endless) == 5 and not endless[-1].final
+
+
+def test_the_prompt_may_change_between_windows(pipeline):
+    switch = frames_s(pipeline, 24)  # window 2's new frames start at latent frame 28 (stride 12, overlap 4)
+    one = chunks(stream(pipeline, frames=52))
+    two = chunks(stream(pipeline, frames=52, prompt=[(0.0, PROMPT), (switch, "a slow low organ in minor")]))
+    assert torch.equal(one[0].wave, two[0].wave) and torch.equal(one[1].wave, two[1].wave)
+    assert not torch.equal(one[-1].wave, two[-1].wave)
+
+
+def test_bad_stream_settings_are_named(pipeline):
+    with pytest.raises(ValueError, match="overlap"):
+        stream(pipeline, window=8, overlap=8)
+    with pytest.raises(ValueError, match="context_s"):
+        stream(pipeline, overlap=2, context=3, tie="fusion")
+    with pytest.raises(ValueError, match="prompts"):
+        stream(pipeline, prompt=[(1.0, PROMPT)])
+    with pytest.raises(ValueError, match="unknown solver"):
+        stream(pipeline, solver="euler")
+
+
+def test_the_service_streams_chunks_over_the_server(folder, pipeline):
+    from rtdiff.audio.service import MusicService
+    from rtdiff.runtime.run import RunConfig
+    from rtdiff_client import Client, ServerError
+    from tests.conftest import ServerThread
+
+    service = MusicService(folder, RunConfig(str(folder), steps=4))
+    seconds = frames_s(pipeline, 40)
+    params = dict(prompt=PROMPT, seconds=seconds, window_s=frames_s(pipeline, 16), overlap_s=frames_s(pipeline, 4))
+    with ServerThread({"music": service}) as server, Client(server.address, model="music", timeout_ms=30_000) as client:
+        replies = list(client.stream({}, **params))
+        wave = np.concatenate([r.arrays["wave"] for r in replies])
+        assert wave.dtype == np.float32 and wave.shape[0] == int(seconds * pipeline.model.sample_rate)
+        assert [r.result["index"] for r in replies] == list(range(len(replies))) and replies[-1].header["final"]
+        assert replies[1].result["offset_s"] == pytest.approx(replies[0].arrays["wave"].shape[0] / 16000)
+        # what the library streams, the server sends
+        local = chunks(MusicStream(pipeline, PROMPT, seconds, params["window_s"], params["overlap_s"], steps=4))
+        assert np.array_equal(wave, torch.cat([c.wave for c in local]).numpy())
+        for bad, match in (({"tie": "average"}, "tie"), ({"accel": "fast"}, "accel"),
+                           ({"overlap_s": params["window_s"]}, "overlap"), ({"prompt": 3}, "prompt")):
+            with pytest.raises(ServerError, match=match):
+                list(client.stream({}, **{**params, **bad}))
+        assert client.info()["models"]["music"]["kind"] == "music"
