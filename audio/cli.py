@@ -159,6 +159,16 @@ def add_commands(commands) -> None:
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(run=cmd_generate)
 
+    listen = commands.add_parser("listen", help="stream music from an rtdiff server into a wav file")
+    listen.add_argument("--server", default="tcp://127.0.0.1:5555")
+    listen.add_argument("--model", help="served model name (default: the only one)")
+    add_listen_arguments(listen)
+    listen.add_argument("--curve", metavar="KEYDIR")
+    listen.add_argument("--out", required=True, metavar="OUT.wav")
+    listen.add_argument("--json", metavar="OUT.json")
+    listen.add_argument("--plot", metavar="OUT.png", help="the streamed log-mel spectrogram")
+    listen.set_defaults(run=cmd_listen)
+
     calibrate = verbs.add_parser("calibrate", help="calibrate a BAC block schedule on prompts")
     calibrate.add_argument("method", choices=["bac", "bac+sada"])
     calibrate.add_argument("--model", default="music-tiny")
@@ -200,3 +210,81 @@ def add_commands(commands) -> None:
     train.add_argument("--adversarial", action="store_true",
                        help="vocoder: train against HiFi-GAN's period and scale discriminators as well")
     train.set_defaults(run=cmd_train)
+
+
+def cmd_listen(args) -> None:
+    from rtdiff.audio.listen import listen
+
+    options = {key: value for key, value in (("window_s", args.window_s), ("overlap_s", args.overlap_s),
+                                             ("tie", args.tie), ("accel", args.accel), ("seed", args.seed),
+                                             ("guidance", args.guidance), ("negative_prompt", args.negative_prompt))
+               if value is not None}
+    report, mel, wave, boundaries = listen(args.server, args.model, args.prompt, args.seconds, args.out,
+                                           credits=args.credits, paced=not args.unpaced, curve=args.curve, **options)
+    report["boundary_mel_frames"] = boundaries
+    if args.plot:
+        frame_s = wave.shape[0] / report["sample_rate"] / mel.shape[0]
+        plot_mel(args.plot, mel, frame_s, f"{args.prompt} (streamed, {report['chunks']} chunks)")
+    write_json(args.json, report)
+    print(f"wrote {args.out}: {report['audio_seconds']:.2f} s in {report['chunks']} chunks; first chunk after "
+          f"{report['first_chunk_ms']:.0f} ms, real-time factor "
+          f"{report['realtime_factor'] or float('nan'):.2f}, underruns {report['underruns']}")
+
+
+def add_listen_arguments(listen) -> None:
+    listen.add_argument("--prompt", required=True)
+    listen.add_argument("--negative-prompt")
+    listen.add_argument("--seconds", type=float, help="how much to stream (default: endless, until interrupted)")
+    listen.add_argument("--window-s", type=float, help="latent window length (the server's default: 2.56)")
+    listen.add_argument("--overlap-s", type=float, help="overlap tied to the window before (default 0.64)")
+    listen.add_argument("--tie", choices=["inpaint", "fusion"])
+    listen.add_argument("--accel", help="the stream's accelerator (default: the server's)")
+    listen.add_argument("--seed", type=int)
+    listen.add_argument("--guidance", type=float)
+    listen.add_argument("--credits", type=int, default=4, help="chunks the server may compute ahead of the player")
+    listen.add_argument("--unpaced", action="store_true", help="grant credit on arrival, not when played")
+
+
+def cmd_demo_audio(args) -> None:
+    """`rtdiff demo audio`: a server process with music-tiny, and this process listening to 20 s of it."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from rtdiff.audio.listen import listen
+
+    out = Path(args.out_dir)
+    with tempfile.TemporaryDirectory(prefix="rtdiff-serve-") as workdir:
+        address = f"ipc://{workdir}/server.ipc"
+        server = subprocess.Popen([sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model",
+                                   f"music={args.model}", "--bind", address, "--accel", args.accel, "--threads",
+                                   str(args.threads)], stdout=subprocess.PIPE, text=True)
+        try:
+            line = server.stdout.readline()
+            if not line.startswith("serving"):
+                raise ValueError(f"the server did not start (exit {server.wait()}): {line.strip()}")
+            print(line.strip(), flush=True)
+            report, mel, wave, boundaries = listen(address, "music", args.prompt, args.seconds,
+                                                   out / "music_stream.wav")
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+    report["boundary_mel_frames"] = boundaries
+    plot_mel(str(out / "music_stream.png"), mel, wave.shape[0] / report["sample_rate"] / mel.shape[0],
+             f"{args.prompt} (streamed from {args.model}, {report['chunks']} chunks)")
+    write_json(str(out / "music_stream.json"), report)
+    print(f"wrote {out / 'music_stream.wav'} ({report['audio_seconds']:.1f} s), its spectrogram and report: first "
+          f"chunk after {report['first_chunk_ms']:.0f} ms, real-time factor {report['realtime_factor']:.2f}, "
+          f"underruns {report['underruns']}")
+
+
+def add_demos(targets) -> None:
+    demo = targets.add_parser("audio", help="serve music-tiny and stream 20 s of it into out/")
+    demo.add_argument("--model", default="music-tiny")
+    demo.add_argument("--prompt", default="a fast high melody with drums")
+    demo.add_argument("--seconds", type=float, default=20.0)
+    demo.add_argument("--accel", default="bac+sada")
+    demo.add_argument("--threads", type=int, default=2)
+    demo.add_argument("--out-dir", default="out")
+    demo.set_defaults(run=cmd_demo_audio)

@@ -14,6 +14,10 @@ Every function takes (reference, candidate) and returns one float per batch row.
 - `stft_distance`: multi-resolution STFT distance of the waveforms: spectral
   convergence plus log-magnitude L1 at FFT sizes 512, 1024 and 2048 (the loss
   of Parallel WaveGAN, also the vocoder's training loss).
+
+Seams of a streamed clip (`seam_flux`): spectral flux, the mean over mel bins
+of each frame's rise over the frame before (log-mel, negative changes
+counted as 0), near the frames where chunks join against everywhere else.
 """
 
 from __future__ import annotations
@@ -88,3 +92,26 @@ def fidelity(reference, candidate) -> dict[str, float]:
             "mel_ssim": float(mel_ssim(reference.mel, candidate.mel).mean()),
             "lsd_db": float(log_spectral_distance(reference.wave, candidate.wave).mean()),
             "mr_stft": float(stft_distance(reference.wave, candidate.wave).mean())}
+
+
+def spectral_flux(mel: torch.Tensor) -> torch.Tensor:
+    """(frames, bins) log-mel -> (frames - 1,): flux of the transition into each frame from the one before."""
+    return torch.relu(mel[1:] - mel[:-1]).mean(dim=1)
+
+
+def seam_flux(mel: torch.Tensor, boundaries: list[int], radius: int = 2) -> dict[str, float]:
+    """Spectral flux at the transitions within `radius` frames of a chunk boundary (the frame index where a
+    chunk begins) against at all other transitions; `ratio` is boundary over within (1: seams flux as much as
+    the music does anywhere)."""
+    if not boundaries:
+        raise ValueError("no chunk boundaries to measure")
+    flux = spectral_flux(mel)
+    near = torch.zeros(flux.shape[0], dtype=torch.bool)
+    for b in boundaries:  # transition t goes from frame t to frame t + 1; the one into frame b is t = b - 1
+        near[max(0, b - 1 - radius):min(flux.shape[0], b + radius)] = True
+    if near.all():
+        raise ValueError("boundaries closer than the radius everywhere: nothing within chunks to compare with")
+    boundary, within = float(flux[near].mean()), float(flux[~near].mean())
+    return {"boundary": boundary, "within": within, "ratio": boundary / within, "boundaries": len(boundaries),
+            "radius_frames": radius}
+

@@ -29,4 +29,10 @@ def _add_commands(commands) -> None:
     add_commands(commands)
 
 
-MODALITY = Modality("audio", [MUSICLDM], bundled=BUNDLED, add_commands=_add_commands)
+def _add_demos(targets) -> None:
+    from rtdiff.audio.cli import add_demos
+
+    add_demos(targets)
+
+
+MODALITY = Modality("audio", [MUSICLDM], bundled=BUNDLED, add_commands=_add_commands, add_demos=_add_demos)

@@ -184,6 +184,19 @@ def cmd_sim(args) -> None:
     write_json(args.json, report)
 
 
+def add_eval_options(sub, episodes: int) -> None:
+    sub.add_argument("task", choices=sorted(TASKS))
+    add_episode_options(sub, episodes)
+
+
+def add_episode_options(sub, episodes: int) -> None:
+    sub.add_argument("--checkpoint", help="bundled name or checkpoint folder (default: TASK-unet)")
+    sub.add_argument("--episodes", type=int, default=episodes)
+    sub.add_argument("--seed", type=int, default=EVAL_SEED)
+    add_run_arguments(sub)
+    sub.add_argument("--json")
+
+
 def add_commands(commands) -> None:
     expert = commands.add_parser("expert", help="run the scripted PushT expert and report its score")
     expert.add_argument("task", choices=sorted(TASKS))
@@ -214,14 +227,6 @@ def add_commands(commands) -> None:
     train.add_argument("--init", help="go on from this checkpoint (name or folder) instead of starting afresh")
     train.set_defaults(run=cmd_train)
 
-    def add_eval_options(sub, episodes: int) -> None:
-        sub.add_argument("task", choices=sorted(TASKS))
-        sub.add_argument("--checkpoint", help="bundled name or checkpoint folder (default: TASK-unet)")
-        sub.add_argument("--episodes", type=int, default=episodes)
-        sub.add_argument("--seed", type=int, default=EVAL_SEED)
-        add_run_arguments(sub)
-        sub.add_argument("--json")
-
     calibrate = commands.add_parser("calibrate", help="calibrate an accelerator's schedule for a checkpoint")
     calibrate.add_argument("method", choices=["bac", "bac+sada"],
                            help="bac+sada: refreshes kept off the steps SADA may skip (--window, --max-consecutive)")
@@ -248,11 +253,6 @@ def add_commands(commands) -> None:
     evaluate.add_argument("--workers", type=int, default=1, help="parallel processes (one torch thread each)")
     evaluate.set_defaults(run=cmd_eval)
 
-    demo = commands.add_parser("demo", help="serve the bundled UNet policy and run the sim against it over ZeroMQ")
-    add_eval_options(demo, episodes=10)
-    demo.add_argument("--workers", type=int, default=5, help="sim client processes (episodes run in real time)")
-    demo.add_argument("--video", default="out/pusht_rollout.mp4")
-    demo.set_defaults(run=cmd_demo, json="out/demo.json")
 
     sim = commands.add_parser("sim", help="run a simulator as a client of an rtdiff server, in real time")
     sim.add_argument("task", choices=sorted(TASKS))
@@ -270,3 +270,13 @@ def add_commands(commands) -> None:
     local.add_argument("--checkpoint", help="bundled name or checkpoint folder (default: TASK-unet)")
     add_run_arguments(local, backend=None)
     sim.set_defaults(run=cmd_sim)
+
+
+def add_demos(targets) -> None:
+    for task in sorted(TASKS):
+        demo = targets.add_parser(task, help=f"serve the bundled {task} UNet policy and run its sim against it over "
+                                             "ZeroMQ, in real time")
+        add_episode_options(demo, episodes=10)
+        demo.add_argument("--workers", type=int, default=5, help="sim client processes (episodes run in real time)")
+        demo.add_argument("--video", default=f"out/{task}_rollout.mp4")
+        demo.set_defaults(run=cmd_demo, json="out/demo.json", task=task)

@@ -13,4 +13,11 @@ def _add_commands(commands) -> None:
     add_commands(commands)
 
 
-MODALITY = Modality("policy", [RTDIFF_POLICY, LEROBOT_POLICY], bundled=BUNDLED, add_commands=_add_commands)
+def _add_demos(targets) -> None:
+    from rtdiff.policies.cli import add_demos
+
+    add_demos(targets)
+
+
+MODALITY = Modality("policy", [RTDIFF_POLICY, LEROBOT_POLICY], bundled=BUNDLED, add_commands=_add_commands,
+                    add_demos=_add_demos)

@@ -154,9 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("dir")
     keys.set_defaults(run=cmd_keys)
 
+    demo = commands.add_parser("demo", help="serve a bundled model and run a client against it, end to end")
+    targets = demo.add_subparsers(dest="demo_target", required=True, metavar="TARGET")
     for modality in modalities():
         if modality.add_commands is not None:
             modality.add_commands(commands)
+        if modality.add_demos is not None:
+            modality.add_demos(targets)
     return parser
 
 

@@ -26,6 +26,7 @@ class Modality:
     checkpoint_formats: list[CheckpointFormat] = field(default_factory=list)
     bundled: Path | None = None  # a folder of checkpoints shipped with the package, addressed by folder name
     add_commands: Callable[[argparse._SubParsersAction], None] | None = None  # the modality's CLI subcommands
+    add_demos: Callable[[argparse._SubParsersAction], None] | None = None  # its targets of `rtdiff demo TARGET`
 
 
 @functools.cache

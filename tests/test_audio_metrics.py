@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from rtdiff.audio.metrics import log_spectral_distance, mel_psnr, mel_ssim, stft_distance
@@ -28,3 +29,17 @@ def test_psnr_uses_the_reference_range_as_peak():
     reference[0, 0, 0] = 4.0  # range 4
     candidate = reference + 0.1  # MSE 0.01
     assert math.isclose(float(mel_psnr(reference, candidate)), 10 * math.log10(16 / 0.01), rel_tol=1e-5)
+
+
+def test_seam_flux_finds_a_step_where_chunks_join():
+    from rtdiff.audio.metrics import seam_flux
+
+    generator = torch.Generator().manual_seed(0)
+    smooth = torch.cumsum(torch.randn(400, 8, generator=generator) * 0.05, dim=0)
+    assert 0.6 < seam_flux(smooth, [100, 200, 300])["ratio"] < 1.6
+    stepped = smooth.clone()
+    for b in (100, 200, 300):
+        stepped[b:] += 1.0  # a seam: everything jumps where a chunk begins
+    assert seam_flux(stepped, [100, 200, 300])["ratio"] > 3
+    with pytest.raises(ValueError, match="no chunk boundaries"):
+        seam_flux(smooth, [])
