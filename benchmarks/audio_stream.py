@@ -71,7 +71,11 @@ def seams(mel: np.ndarray, wave: np.ndarray, boundaries: list[int]) -> dict:
     from rtdiff.audio.metrics import seam_flux
 
     heard = log_mel(torch.from_numpy(np.ascontiguousarray(wave))[None])[0]
-    return {"mel": seam_flux(torch.from_numpy(mel), boundaries), "wave": seam_flux(heard, boundaries)}
+    mel = torch.from_numpy(mel)
+    # the control: the same measure halfway between the joins, where no seam is; it says what "no seam" reads
+    middles = [(a + b) // 2 for a, b in zip([0, *boundaries], boundaries)]
+    return {"mel": seam_flux(mel, boundaries), "wave": seam_flux(heard, boundaries),
+            "control_mel": seam_flux(mel, middles), "control_wave": seam_flux(heard, middles)}
 
 
 def first_chunk(pipeline, seconds: float, windows: list[float], threads: int) -> list[dict]:

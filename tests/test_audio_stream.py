@@ -126,3 +126,40 @@ def test_the_service_streams_chunks_over_the_server(folder, pipeline):
             with pytest.raises(ServerError, match=match):
                 list(client.stream({}, **{**params, **bad}))
         assert client.info()["models"]["music"]["kind"] == "music"
+
+
+def test_the_player_counts_underruns():
+    from rtdiff.audio.listen import Player
+
+    steady = Player()
+    for arrival in (10.0, 10.5, 11.0, 11.9):  # 1 s chunks, each before the last ran out
+        steady.receive(1.0, arrival)
+    assert steady.underruns == 0 and steady.finished_chunks(12.05) == 2
+    assert steady.time_until_next_finish(12.05, 2) == pytest.approx(0.95)
+    late = Player()
+    for arrival in (10.0, 12.5, 13.0, 15.0):  # dry from 11 to 12.5, then from 14.5 (it resumed at 12.5)
+        late.receive(1.0, arrival)
+    assert late.underruns == 2
+
+
+def test_listen_writes_the_stream_and_its_report(folder, pipeline, tmp_path):
+    import json
+
+    import soundfile
+
+    from rtdiff.audio.service import MusicService
+    from rtdiff.runtime.cli import main
+    from rtdiff.runtime.run import RunConfig
+    from tests.conftest import ServerThread
+
+    seconds = frames_s(pipeline, 40)
+    with ServerThread({"music": MusicService(folder, RunConfig(str(folder), steps=4))}) as server:
+        main(["listen", "--server", server.address, "--prompt", PROMPT, "--seconds", str(seconds),
+              "--window-s", str(frames_s(pipeline, 16)), "--overlap-s", str(frames_s(pipeline, 4)),
+              "--out", str(tmp_path / "s.wav"), "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")])
+    wave, rate = soundfile.read(tmp_path / "s.wav", dtype="float32")
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert rate == 16000 and wave.shape[0] == int(seconds * 16000)
+    assert report["chunks"] == 4 and report["audio_seconds"] == pytest.approx(wave.shape[0] / 16000)
+    assert report["first_chunk_ms"] <= report["total_ms"] and isinstance(report["underruns"], int)
+    assert len(report["boundary_mel_frames"]) == 3 and (tmp_path / "s.png").stat().st_size > 0
