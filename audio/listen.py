@@ -79,50 +79,19 @@ def listen(address: str, model: str | None, prompt: str, seconds: float | None, 
 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     params = {"prompt": prompt, **({"seconds": seconds} if seconds is not None else {}), **params}
-    client = Client(address, model=model, timeout_ms=timeout_ms, retries=0, curve_dir=curve)
-    models = client.info(model=model)["models"]
-    if model is None:
-        if len(models) != 1:
-            raise ValueError(f"the server serves {sorted(models)}: name one with --model")
-        model = client.model = next(iter(models))
-    if "sample_rate" not in models[model]:
-        raise ValueError(f"model {model!r} is not a music model ({models[model].get('kind')})")
-    sample_rate = int(models[model]["sample_rate"])
-    player, mels, waves, boundaries, granted = Player(), [], [], [], 0
-    started = time.perf_counter()
-    first_ms, last = None, None
-    with client, soundfile.SoundFile(str(out), "w", sample_rate, 1, subtype="FLOAT") as wav:
-        request_id = client.submit("stream", credits=credits, **params)
-        while True:
-            wait = player.time_until_next_finish(time.perf_counter(), granted) if paced else None
+    with Client(address, model=model, timeout_ms=timeout_ms, retries=0, curve_dir=curve) as client:
+        model, sample_rate = _music_model(client, model)
+        player, mels, waves, boundaries = Player(), [], [], []
+        started = time.perf_counter()
+        with soundfile.SoundFile(str(out), "w", sample_rate, 1, subtype="FLOAT") as wav:
+            request_id = client.submit("stream", credits=credits, **params)
             try:
-                reply = client.result(request_id, timeout_ms if wait is None else wait * 1e3)
-            except TimeoutError:
-                if wait is None:
+                _receive(client, request_id, player, wav, mels, waves, boundaries, sample_rate, paced, timeout_ms)
+            except KeyboardInterrupt:  # how an endless stream's listener stops: what it has is kept and reported
+                client.submit("cancel", target=request_id)
+                if not waves:
                     raise
-                client.submit("stream", request_id=request_id, grant=1)  # the player finished a chunk
-                granted += 1
-                continue
-            now = time.perf_counter()
-            wave, mel = reply.arrays["wave"], reply.arrays["mel"]
-            if mels:
-                boundaries.append(sum(m.shape[0] for m in mels))
-            player.receive(wave.shape[0] / sample_rate, now)
-            wav.write(wave)
-            wav.flush()
-            mels.append(mel)
-            waves.append(wave)
-            first_ms = (now - started) * 1e3 if first_ms is None else first_ms
-            last = now
-            if reply.header.get("final"):
-                break
-            if not paced:
-                client.submit("stream", request_id=request_id, grant=1)
-            else:
-                done = player.finished_chunks(now)
-                if done > granted:
-                    client.submit("stream", request_id=request_id, grant=done - granted)
-                    granted = done
+    first_ms, last = (player.started - started) * 1e3, player.clock
     total_ms = (last - started) * 1e3
     audio = sum(w.shape[0] for w in waves) / sample_rate
     after_first = audio - waves[0].shape[0] / sample_rate
@@ -132,3 +101,50 @@ def listen(address: str, model: str | None, prompt: str, seconds: float | None, 
               "realtime_factor": after_first / ((total_ms - first_ms) / 1e3) if len(waves) > 1 else None,
               "underruns": player.underruns}
     return report, np.concatenate(mels), np.concatenate(waves), boundaries
+
+
+def _receive(client, request_id, player: Player, wav, mels: list, waves: list, boundaries: list, sample_rate: int,
+             paced: bool, timeout_ms: float) -> None:
+    """Chunks into the wav and the lists until the final one, granting credit as the player finishes chunks
+    (paced) or as each arrives."""
+    granted = 0
+    while True:
+        wait = player.time_until_next_finish(time.perf_counter(), granted) if paced else None
+        try:
+            reply = client.result(request_id, timeout_ms if wait is None else wait * 1e3)
+        except TimeoutError:
+            if wait is None:
+                raise
+            client.submit("stream", request_id=request_id, grant=1)  # the player finished a chunk
+            granted += 1
+            continue
+        now = time.perf_counter()
+        wave, mel = reply.arrays["wave"], reply.arrays["mel"]
+        if mels:
+            boundaries.append(sum(m.shape[0] for m in mels))
+        player.receive(wave.shape[0] / sample_rate, now)
+        wav.write(wave)
+        wav.flush()
+        mels.append(mel)
+        waves.append(wave)
+        if reply.header.get("final"):
+            return
+        if not paced:
+            client.submit("stream", request_id=request_id, grant=1)
+            continue
+        done = player.finished_chunks(now)
+        if done > granted:
+            client.submit("stream", request_id=request_id, grant=done - granted)
+            granted = done
+
+
+def _music_model(client, model: str | None) -> tuple[str, int]:
+    """The served music model's name (the only model, if none is named) and its sample rate."""
+    models = client.info(model=model)["models"]
+    if model is None:
+        if len(models) != 1:
+            raise ValueError(f"the server serves {sorted(models)}: name one with --model")
+        model = client.model = next(iter(models))
+    if "sample_rate" not in models[model]:
+        raise ValueError(f"model {model!r} is not a music model ({models[model].get('kind')})")
+    return model, int(models[model]["sample_rate"])
