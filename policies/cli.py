@@ -253,7 +253,6 @@ def add_commands(commands) -> None:
     evaluate.add_argument("--workers", type=int, default=1, help="parallel processes (one torch thread each)")
     evaluate.set_defaults(run=cmd_eval)
 
-
     sim = commands.add_parser("sim", help="run a simulator as a client of an rtdiff server, in real time")
     sim.add_argument("task", choices=sorted(TASKS))
     sim.add_argument("--server", default="tcp://127.0.0.1:5555")
