@@ -38,7 +38,7 @@ class MusicService:
     inputs = ()
     chunk_inputs = ()
     params = {
-        "prompt": ParamSpec("str", high=500, required=True, doc="what to play"),
+        "prompt": ParamSpec("str", 1, 500, required=True, doc="what to play"),
         "negative_prompt": ParamSpec("str", high=500, doc="what to steer away from"),
         "seconds": ParamSpec("number", 1e-4, 86_400.0, doc="the stream's length; without it, endless"),
         "window_s": ParamSpec("number", 1e-4, 10.24, doc=f"latent window length, default {WINDOW_S}"),
@@ -50,6 +50,8 @@ class MusicService:
         "seed": ParamSpec("int", 0, 2**63 - 1, doc="fixes the stream's noise"),
         "accel": ParamSpec("str", high=16, doc=f"one of {', '.join(ACCELERATORS)}; default: the server's"),
     }
+
+    stream_updates = {"prompt": ParamSpec("str", 1, 500, doc="a grant may change the prompt: from the next window on")}
 
     def __init__(self, folder: Path, run: RunConfig):
         if run.backend != "torch":
@@ -100,7 +102,7 @@ class MusicService:
                 params.get("seed", 0), new_accelerator)
         except (ValueError, FileNotFoundError) as error:
             raise ProtocolError("bad_message", str(error)) from None
-        return self._replies(music)
+        return MusicReplies(music, self._replies(music))
 
     def _accelerator(self, name: str):
         if name not in self._specs:  # a request's own choice: no options but its schedule's
@@ -119,3 +121,21 @@ class MusicService:
             result = {"index": chunk.index, "offset_s": chunk.offset_s, "seconds": audio_s,
                       "compute_ms": chunk.compute_ms}
             yield arrays, result, chunk.final
+
+
+class MusicReplies:
+    """A music stream's replies, and the way a grant's `prompt` reaches it (`update`, on the model's worker)."""
+
+    def __init__(self, music: MusicStream, replies):
+        self.music, self._replies = music, replies
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._replies)
+
+    def update(self, params: dict) -> None:
+        if "prompt" in params:
+            self.music.change_prompt(params["prompt"])
+

@@ -77,6 +77,7 @@ class MusicStream:
         self.mel_fade = CrossFade(mel_rate, int(round(fade_s / self.frame_s * mel_rate)), axis=0)
         self.wave_fade = CrossFade(mel_rate * model.hop_length, int(round(fade_s * model.sample_rate)), axis=0)
         self._embeddings: dict[str, torch.Tensor] = {}
+        self._pending_prompt: str | None = None
 
     def _frames(self, seconds: float, name: str) -> int:
         frames = round(seconds / self.frame_s)
@@ -93,12 +94,25 @@ class MusicStream:
             raise ValueError("an empty prompt")
         return schedule
 
+    def change_prompt(self, prompt: str) -> None:
+        """From the next window that has not started on (what a listener asks for mid-stream)."""
+        if not prompt:
+            raise ValueError("an empty prompt")
+        self._pending_prompt = prompt
+
     def prompt_at(self, k: int) -> str:
         """The prompt of window k: the last one whose start is at or before the window's new frames."""
-        new_from = (self.plan.start(k) + (self.plan.overlap if k else 0)) * self.frame_s
-        return [p for t, p in self.prompts if t <= new_from + 1e-9][-1]
+        return [p for t, p in self.prompts if t <= self._new_from(k) + 1e-9][-1]
+
+    def _new_from(self, k: int) -> float:
+        """Where window k's new frames begin, in seconds."""
+        return (self.plan.start(k) + (self.plan.overlap if k else 0)) * self.frame_s
 
     def _conditioning(self, k: int) -> dict:
+        if self._pending_prompt is not None:  # a change asked for while the previous window ran
+            begins = self._new_from(k)
+            self.prompts = [(t, p) for t, p in self.prompts if t < begins] + [(begins, self._pending_prompt)]
+            self._pending_prompt = None
         prompt = self.prompt_at(k)
         if prompt not in self._embeddings:
             self._embeddings[prompt] = embed_prompts(self.model.text_encoder, self.model.tokenizer, [prompt],

@@ -47,7 +47,7 @@ import numpy as np
 import zmq
 
 from rtdiff.runtime.fairness import FairBatcher
-from rtdiff.runtime.service import check_arrays, check_request, check_service, describe
+from rtdiff.runtime.service import check_arrays, check_params, check_request, check_service, describe
 from rtdiff.runtime.stats import percentiles
 from rtdiff.runtime.workers import Done, ModelWorker
 from rtdiff_client.protocol import (ERRORS, OPS, Limits, Message, ProtocolError, _request_id, decode, error_reply,
@@ -133,6 +133,7 @@ class Stream:
     last_heard: float = 0.0  # the last grant, chunk or reply: what the lease counts from
     last_step: float = 0.0
     queued_inputs: int = 0  # duplex: chunks handed to the step in flight
+    updates: dict = field(default_factory=dict)  # params changed by grants, handed to the next step
 
     @property
     def key(self) -> tuple:
@@ -141,8 +142,11 @@ class Stream:
     def ready(self) -> bool:
         return self.credits > 0 and not self.waiting and not self.in_flight
 
-    def next_output(self, service):
-        """The next (arrays, result, final), or None while a duplex session waits for input (on the worker)."""
+    def next_output(self, service, updates: dict | None = None):
+        """The next (arrays, result, final), or None while a duplex session waits for input or a step finished
+        no reply (on the worker). `updates`: params a grant changed, handed to the stream first."""
+        if updates:
+            self.steps.update(updates)
         if not self.duplex:
             return next(self.steps)
         return self.steps.step(self.inputs, self.ended)
@@ -497,17 +501,26 @@ class Server:
             raise ProtocolError(error.code, f"{error.message}; the duplex stream is closed") from None
 
     def _grant(self, key, message: Message) -> None:
-        """More credit for an open stream. A grant gets no reply; a malformed one ends the stream with its error."""
-        grant = message.params["grant"]
-        if message.arrays or set(message.params) != {"grant"} or not _credit_count(grant):
-            stream = self.streams.get(key)
+        """More credit for an open stream; with it, new values of the params the service lets a stream change
+        while it runs (`stream_updates`: a music stream's prompt), taken at its next step. A grant gets no
+        reply; a malformed one ends the stream with its error."""
+        grant, stream = message.params["grant"], self.streams.get(key)
+        updates = {name: value for name, value in message.params.items() if name != "grant"}
+        changeable = getattr(self.services[stream.message.model], "stream_updates", {}) if stream is not None else {}
+        try:
+            if message.arrays or not _credit_count(grant) or any(name not in changeable for name in updates):
+                also = f" and any of {sorted(changeable)}" if changeable else ""
+                raise ProtocolError("bad_message", f"a grant carries only params.grant, an integer in "
+                                                   f"[1, {MAX_CREDITS}]{also}")
+            check_params(changeable, updates)
+        except ProtocolError as error:
             if stream is not None:
                 self._close_stream(stream)
-            raise ProtocolError("bad_message", f"a grant carries only params.grant, an integer in [1, {MAX_CREDITS}]"
-                                               f"{'; the stream is closed' if stream is not None else ''}")
-        if key in self.streams:
-            stream = self.streams[key]
+            raise ProtocolError(error.code, f"{error.message}{'; the stream is closed' if stream is not None else ''}"
+                                ) from None
+        if stream is not None:
             stream.credits = min(stream.credits + grant, MAX_CREDITS)
+            stream.updates.update(updates)
             stream.last_heard = time.monotonic()
         else:  # the stream ended (or was cancelled) while the grant was on its way: documented drop
             self.stats.counts["stale_grants"] += 1
@@ -682,7 +695,8 @@ class Server:
         stream.inputs.extend(stream.arrivals)  # the worker's own queue for this step; the loop keeps receiving
         stream.arrivals.clear()
         stream.queued_inputs = len(stream.inputs)
-        done = self.workers[stream.message.model].submit(stream, stream.next_output)
+        updates, stream.updates = stream.updates, {}
+        done = self.workers[stream.message.model].submit(stream, lambda service: stream.next_output(service, updates))
         if done is not None:
             self._finish_step(done)
 

@@ -11,7 +11,9 @@ it declared. Ops:
   request need not wait for a whole batch;
 - `stream`: one request, many replies; `stream(message)` yields (arrays, result, final) per reply, and may
   yield None after a step of work that finishes no reply (a denoising step of a music window), so that the
-  server hands other requests to the model between its steps;
+  server hands other requests to the model between its steps. A service may declare `stream_updates` (param
+  specs): a grant may then carry new values of those params, and the server hands them to the stream's
+  iterator (`update(params)`, on the model's worker) before its next step;
 - `duplex`: a stream whose client keeps sending input chunks (validated against `chunk_inputs`) while
   outputs flow back; `open_duplex(message)` returns a session whose `step(inputs, ended)` takes what it
   needs from the queue of received chunks and returns the next output, or None while it waits for input.
@@ -114,6 +116,8 @@ class ParamSpec:
                 raise ProtocolError("bad_message", f"param {name} must be in [{self.low}, {self.high}], got {value}")
         if self.kind == "str" and self.high is not None and len(value) > self.high:
             raise ProtocolError("bad_message", f"param {name} is longer than {int(self.high)} characters")
+        if self.kind == "str" and self.low is not None and len(value) < self.low:
+            raise ProtocolError("bad_message", f"param {name} is shorter than {int(self.low)} characters")
 
     def describe(self) -> dict:
         return {"kind": self.kind, "low": self.low, "high": self.high, "required": self.required, "doc": self.doc}
@@ -146,7 +150,9 @@ def describe(service) -> dict:
             "outputs": [spec.describe() for spec in service.outputs],
             "params": {name: spec.describe() for name, spec in service.params.items()},
             **({"chunk_inputs": [spec.describe() for spec in service.chunk_inputs]} if "duplex" in service.ops
-               else {})}
+               else {}),
+            **({"stream_updates": {name: spec.describe() for name, spec in service.stream_updates.items()}}
+               if getattr(service, "stream_updates", None) else {})}
 
 
 def check_arrays(specs: tuple[ArraySpec, ...], arrays: dict[str, np.ndarray]) -> None:

@@ -125,7 +125,8 @@ def test_the_service_streams_chunks_over_the_server(folder, pipeline):
                            ({"overlap_s": params["window_s"]}, "overlap"), ({"prompt": 3}, "prompt")):
             with pytest.raises(ServerError, match=match):
                 list(client.stream({}, **{**params, **bad}))
-        assert client.info()["models"]["music"]["kind"] == "music"
+        described = client.info()["models"]["music"]
+        assert described["kind"] == "music" and list(described["stream_updates"]) == ["prompt"]
         # an endless stream goes on while granted, and cancel ends it
         endless = client.submit("stream", credits=2, **{k: v for k, v in params.items() if k != "seconds"})
         chunks_seen = [client.result(endless) for _ in range(2)]
@@ -171,3 +172,35 @@ def test_listen_writes_the_stream_and_its_report(folder, pipeline, tmp_path):
     assert report["chunks"] == 3 and report["audio_seconds"] == pytest.approx(wave.shape[0] / 16000)
     assert report["first_chunk_ms"] <= report["total_ms"] and isinstance(report["underruns"], int)
     assert len(report["boundary_mel_frames"]) == 2 and (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_a_grant_may_change_the_prompt_from_the_next_window(folder, pipeline):
+    from rtdiff.audio.service import MusicService
+    from rtdiff.runtime.run import RunConfig
+    from rtdiff_client import Client, ServerError
+    from tests.conftest import ServerThread
+
+    other = "a slow low organ in minor"
+    params = dict(prompt=PROMPT, seconds=frames_s(pipeline, 52), window_s=frames_s(pipeline, 16),
+                  overlap_s=frames_s(pipeline, 4))
+    service = MusicService(folder, RunConfig(str(folder), steps=4))
+    with ServerThread({"music": service}) as server, Client(server.address, model="music", timeout_ms=30_000) as client:
+        stream_id = client.submit("stream", credits=1, **params)
+        waves = [client.result(stream_id).arrays["wave"]]  # window 0's chunk; out of credit until the grant
+        client.submit("stream", request_id=stream_id, grant=8, prompt=other)
+        while True:
+            reply = client.result(stream_id)
+            waves.append(reply.arrays["wave"])
+            if reply.header.get("final"):
+                break
+        with pytest.raises(ServerError, match="bad_message: a grant carries only"):  # and it ends the stream
+            bad = client.submit("stream", credits=1, **params)
+            client.result(bad)
+            client.call("stream", request_id=bad, grant=1, guidance=3.0)
+        assert client.stats()["streams"] == 0
+    # the change takes effect where window 1's new frames begin (latent frame 16)
+    schedule = [(0.0, PROMPT), (frames_s(pipeline, 16), other)]
+    local = chunks(MusicStream(pipeline, schedule, params["seconds"], params["window_s"], params["overlap_s"], steps=4))
+    assert np.array_equal(np.concatenate(waves), torch.cat([c.wave for c in local]).numpy())
+    unchanged = chunks(MusicStream(pipeline, PROMPT, params["seconds"], params["window_s"], params["overlap_s"], steps=4))
+    assert not torch.equal(local[-1].wave, unchanged[-1].wave)
