@@ -219,8 +219,18 @@ def cmd_listen(args) -> None:
                                              ("tie", args.tie), ("accel", args.accel), ("seed", args.seed),
                                              ("guidance", args.guidance), ("negative_prompt", args.negative_prompt))
                if value is not None}
+    changes = []
+    for change in args.change_prompt:
+        at, sep, text = change.partition("=")
+        try:
+            changes.append((float(at), text))
+        except ValueError:
+            raise ValueError(f"--change-prompt takes SECONDS=PROMPT, got {change!r}") from None
+        if not sep or not text:
+            raise ValueError(f"--change-prompt takes SECONDS=PROMPT, got {change!r}")
     report, mel, wave, boundaries = listen(args.server, args.model, args.prompt, args.seconds, args.out,
-                                           credits=args.credits, paced=not args.unpaced, curve=args.curve, **options)
+                                           credits=args.credits, paced=not args.unpaced, curve=args.curve,
+                                           prompt_changes=changes, **options)
     report["boundary_mel_frames"] = boundaries
     if args.plot:
         frame_s = wave.shape[0] / report["sample_rate"] / mel.shape[0]
@@ -243,6 +253,8 @@ def add_listen_arguments(listen) -> None:
     listen.add_argument("--guidance", type=float)
     listen.add_argument("--credits", type=int, default=4, help="chunks the server may compute ahead of the player")
     listen.add_argument("--unpaced", action="store_true", help="grant credit on arrival, not when played")
+    listen.add_argument("--change-prompt", action="append", default=[], metavar="SECONDS=PROMPT",
+                        help="once SECONDS of audio have arrived, ask for PROMPT (from the server's next window)")
 
 
 def cmd_demo_audio(args) -> None:

@@ -72,9 +72,11 @@ class Player:
 
 def listen(address: str, model: str | None, prompt: str, seconds: float | None, out: str | Path,
            credits: int = 4, paced: bool = True, timeout_ms: float = 120_000, curve: str | None = None,
-           **params) -> tuple[dict, np.ndarray, np.ndarray, list[int]]:
+           prompt_changes: list[tuple[float, str]] = (), **params) -> tuple[dict, np.ndarray, np.ndarray, list[int]]:
     """Streams into `out`; returns the report, the mel (frames x bins) and the wave received, and the mel
-    frame index at which each chunk after the first begins."""
+    frame index at which each chunk after the first begins. `prompt_changes`: (seconds, prompt) pairs; the
+    first grant sent once that much audio has arrived carries the prompt, which the server plays from its next
+    window."""
     import soundfile
 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +88,8 @@ def listen(address: str, model: str | None, prompt: str, seconds: float | None, 
         with soundfile.SoundFile(str(out), "w", sample_rate, 1, subtype="FLOAT") as wav:
             request_id = client.submit("stream", credits=credits, **params)
             try:
-                _receive(client, request_id, player, wav, mels, waves, boundaries, sample_rate, paced, timeout_ms)
+                _receive(client, request_id, player, wav, mels, waves, boundaries, sample_rate, paced, timeout_ms,
+                         sorted(prompt_changes))
             except KeyboardInterrupt:  # how an endless stream's listener stops: what it has is kept and reported
                 client.submit("cancel", target=request_id)
                 if not waves:
@@ -96,7 +99,7 @@ def listen(address: str, model: str | None, prompt: str, seconds: float | None, 
     audio = sum(w.shape[0] for w in waves) / sample_rate
     after_first = audio - waves[0].shape[0] / sample_rate
     report = {"server": address, "model": model, "prompt": prompt, "params": params, "paced": paced,
-              "credits": credits, "first_chunk_ms": first_ms, "total_ms": total_ms, "audio_seconds": audio,
+              "credits": credits, "prompt_changes": [list(c) for c in prompt_changes], "first_chunk_ms": first_ms, "total_ms": total_ms, "audio_seconds": audio,
               "chunks": len(waves), "sample_rate": sample_rate,
               "realtime_factor": after_first / ((total_ms - first_ms) / 1e3) if len(waves) > 1 else None,
               "underruns": player.underruns}
@@ -104,10 +107,17 @@ def listen(address: str, model: str | None, prompt: str, seconds: float | None, 
 
 
 def _receive(client, request_id, player: Player, wav, mels: list, waves: list, boundaries: list, sample_rate: int,
-             paced: bool, timeout_ms: float) -> None:
+             paced: bool, timeout_ms: float, prompt_changes: list) -> None:
     """Chunks into the wav and the lists until the final one, granting credit as the player finishes chunks
-    (paced) or as each arrives."""
-    granted = 0
+    (paced) or as each arrives; a grant carries the next prompt change once its time has arrived."""
+    granted, changes = 0, list(prompt_changes)
+
+    def grant(k: int) -> None:
+        change = {}
+        if changes and changes[0][0] <= player.received_s + 1e-9:
+            change = {"prompt": changes.pop(0)[1]}
+        client.submit("stream", request_id=request_id, grant=k, **change)
+
     while True:
         wait = player.time_until_next_finish(time.perf_counter(), granted) if paced else None
         try:
@@ -115,7 +125,7 @@ def _receive(client, request_id, player: Player, wav, mels: list, waves: list, b
         except TimeoutError:
             if wait is None:
                 raise
-            client.submit("stream", request_id=request_id, grant=1)  # the player finished a chunk
+            grant(1)  # the player finished a chunk
             granted += 1
             continue
         now = time.perf_counter()
@@ -130,11 +140,11 @@ def _receive(client, request_id, player: Player, wav, mels: list, waves: list, b
         if reply.header.get("final"):
             return
         if not paced:
-            client.submit("stream", request_id=request_id, grant=1)
+            grant(1)
             continue
         done = player.finished_chunks(now)
         if done > granted:
-            client.submit("stream", request_id=request_id, grant=done - granted)
+            grant(done - granted)
             granted = done
 
 

@@ -204,3 +204,27 @@ def test_a_grant_may_change_the_prompt_from_the_next_window(folder, pipeline):
     assert np.array_equal(np.concatenate(waves), torch.cat([c.wave for c in local]).numpy())
     unchanged = chunks(MusicStream(pipeline, PROMPT, params["seconds"], params["window_s"], params["overlap_s"], steps=4))
     assert not torch.equal(local[-1].wave, unchanged[-1].wave)
+
+
+def test_listen_changes_the_prompt_when_asked(folder, pipeline, tmp_path, capsys):
+    import soundfile
+
+    from rtdiff.audio.service import MusicService
+    from rtdiff.runtime.cli import main
+    from rtdiff.runtime.run import RunConfig
+    from tests.conftest import ServerThread
+
+    other = "a slow low organ in minor"
+    seconds, window, overlap = frames_s(pipeline, 52), frames_s(pipeline, 16), frames_s(pipeline, 4)
+    with ServerThread({"music": MusicService(folder, RunConfig(str(folder), steps=4))}) as server:
+        # one credit: the server waits for each grant, so the change lands at window 1 exactly
+        main(["listen", "--server", server.address, "--prompt", PROMPT, "--seconds", str(seconds),
+              "--window-s", str(window), "--overlap-s", str(overlap), "--credits", "1",
+              "--change-prompt", f"0={other}", "--out", str(tmp_path / "s.wav")])
+    wave, _ = soundfile.read(tmp_path / "s.wav", dtype="float32")
+    local = chunks(MusicStream(pipeline, [(0.0, PROMPT), (frames_s(pipeline, 16), other)], seconds, window, overlap,
+                               steps=4))
+    assert np.array_equal(wave, torch.cat([c.wave for c in local]).numpy())
+    with pytest.raises(SystemExit):
+        main(["listen", "--prompt", PROMPT, "--change-prompt", "soon=x", "--out", str(tmp_path / "t.wav")])
+    assert "--change-prompt takes SECONDS=PROMPT, got 'soon=x'" in capsys.readouterr().err
