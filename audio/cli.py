@@ -259,29 +259,13 @@ def add_listen_arguments(listen) -> None:
 
 def cmd_demo_audio(args) -> None:
     """`rtdiff demo audio`: a server process with music-tiny, and this process listening to 20 s of it."""
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-
     from rtdiff.audio.listen import listen
+    from rtdiff.runtime.cli import local_server
 
     out = Path(args.out_dir)
-    with tempfile.TemporaryDirectory(prefix="rtdiff-serve-") as workdir:
-        address = f"ipc://{workdir}/server.ipc"
-        server = subprocess.Popen([sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model",
-                                   f"music={args.model}", "--bind", address, "--accel", args.accel, "--threads",
-                                   str(args.threads)], stdout=subprocess.PIPE, text=True)
-        try:
-            line = server.stdout.readline()
-            if not line.startswith("serving"):
-                raise ValueError(f"the server did not start (exit {server.wait()}): {line.strip()}")
-            print(line.strip(), flush=True)
-            report, mel, wave, boundaries = listen(address, "music", args.prompt, args.seconds,
-                                                   out / "music_stream.wav")
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
+    with local_server(["--model", f"music={args.model}", "--accel", args.accel, "--threads", str(args.threads)]) \
+            as address:
+        report, mel, wave, boundaries = listen(address, "music", args.prompt, args.seconds, out / "music_stream.wav")
     report["boundary_mel_frames"] = boundaries
     plot_mel(str(out / "music_stream.png"), mel, wave.shape[0] / report["sample_rate"] / mel.shape[0],
              f"{args.prompt} (streamed from {args.model}, {report['chunks']} chunks)")

@@ -18,6 +18,7 @@ player ran dry: it then waits for the next chunk and plays on from there).
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,7 @@ class Player:
         if self.started is None:
             return 0
         position = min(self.received_s, self.position_s + (now - self.clock))
-        return sum(1 for end in self.ends if end <= position + 1e-9)
+        return bisect.bisect_right(self.ends, position + 1e-9)
 
     def time_until_next_finish(self, now: float, granted: int) -> float | None:
         """Seconds until the chunk after the first `granted` finished ones is played through; None if it has

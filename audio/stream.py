@@ -9,10 +9,9 @@ settles.
 Each window is a latent of `window_s` seconds whose first `overlap_s` are tied
 to the window before (inpainting by default, or StableAvatar's fusion). The
 settled frames are decoded with `context_s` of latent on both sides (by default
-half the overlap, at most CONTEXT_S) (the VAE
-and the vocoder never see an edge inside what is kept), cut to the new part,
-and cross-faded over `fade_s` into what the previous chunk's decode gave
-there. So a listener gets its first audio after one window's denoising, and
+half the overlap, at most CONTEXT_S), so the VAE and the vocoder never see an
+edge inside what is kept; then cut to the new part and cross-faded over
+`fade_s` into what the previous chunk's decode gave there. So a listener gets its first audio after one window's denoising, and
 every later chunk costs one window's, however long the stream runs.
 """
 
@@ -25,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from rtdiff.audio.pipeline import SOLVERS, TextToMusic
-from rtdiff.audio.text import embed_prompts
+from rtdiff.audio.text import embed_prompts, embed_text
 from rtdiff.runtime.guidance import ClassifierFreeGuidance
 from rtdiff.runtime.solvers import make_solver
 from rtdiff.runtime.windows import CrossFade, Emitter, NoiseTimeline, WindowPlan, sliding_windows
@@ -65,17 +64,14 @@ class MusicStream:
         # by default as much decoder context as half the overlap allows, up to CONTEXT_S, and a fade within it
         context_s = min(CONTEXT_S, overlap_s / 2) if context_s is None else context_s
         fade_s = min(FADE_S, context_s / 2) if fade_s is None else fade_s
-        context = self._frames(context_s, "context_s") if context_s > 0 else 0
-        if context > self.plan.overlap and tie == "fusion":
+        self.context = self._frames(context_s, "context_s") if context_s > 0 else 0
+        if self.context > self.plan.overlap and tie == "fusion":
             raise ValueError(f"context_s {context_s} is longer than the overlap {overlap_s}: under fusion the "
                              "decoder's right context must lie in the window's own overlap")
         self.prompts = self._prompt_schedule(prompt)
         self.steps, self.solver, self.guidance = steps, solver, guidance
         self.negative_prompt, self.seed, self.new_accelerator = negative_prompt, seed, new_accelerator
-        self.emitter = Emitter(self.plan, context, self.length)
-        mel_rate = model.vae_scale_factor
-        self.mel_fade = CrossFade(mel_rate, int(round(fade_s / self.frame_s * mel_rate)), axis=0)
-        self.wave_fade = CrossFade(mel_rate * model.hop_length, int(round(fade_s * model.sample_rate)), axis=0)
+        self.fade_s = fade_s
         self._embeddings: dict[str, torch.Tensor] = {}
         self._pending_prompt: str | None = None
 
@@ -115,8 +111,7 @@ class MusicStream:
             self._pending_prompt = None
         prompt = self.prompt_at(k)
         if prompt not in self._embeddings:
-            self._embeddings[prompt] = embed_prompts(self.model.text_encoder, self.model.tokenizer, [prompt],
-                                                     None)[0]
+            self._embeddings[prompt] = embed_text(self.model.text_encoder, self.model.tokenizer, [prompt])
         return {"text": self._embeddings[prompt]}
 
     def __iter__(self) -> Iterator[MusicChunk | None]:
@@ -124,25 +119,30 @@ class MusicStream:
 
     @torch.no_grad()
     def chunks(self) -> Iterator[MusicChunk | None]:
+        """One pass over the stream; each pass starts afresh (its own noise, emitter and fades)."""
         model, plan = self.model, self.plan
+        first = self.prompts[0][1]
         negative = [self.negative_prompt] if self.negative_prompt is not None else None
-        _, uncond = embed_prompts(model.text_encoder, model.tokenizer, [self.prompts[0][1]], negative)
+        self._embeddings[first], uncond = embed_prompts(model.text_encoder, model.tokenizer, [first], negative)
         denoiser = self.pipeline.denoiser
         if self.guidance > 1.0:
             denoiser = ClassifierFreeGuidance(denoiser, self.guidance, {"text": uncond})
-        frame_shape = list(self.pipeline.latent_shape(1, self.frame_s * 8))
-        frame_shape[plan.time_dim] = 1
-        noise = NoiseTimeline(tuple(frame_shape), torch.Generator().manual_seed(self.seed), plan.time_dim)
+        noise = noise_timeline(self.pipeline, self.seed)
         sampler = make_solver(self.solver, model.scheduler, self.steps)
+        emitter = Emitter(plan, self.context, self.length)
+        mel_rate = model.vae_scale_factor
+        mel_fade = CrossFade(mel_rate, int(round(self.fade_s / self.frame_s * mel_rate)), axis=0)
+        wave_fade = CrossFade(mel_rate * model.hop_length, int(round(self.fade_s * model.sample_rate)), axis=0)
         started = time.perf_counter()
         index = 0
         for window in sliding_windows(denoiser, sampler, plan, noise, self._conditioning, self.length,
                                       self.new_accelerator):
-            segment = self.emitter.push(window) if window is not None else None
+            segment = emitter.push(window) if window is not None else None
             if segment is None:
                 yield None
                 continue
             mel, wave = self._decode(segment)
+            mel, wave = mel_fade(mel, segment), wave_fade(wave, segment)
             if segment.last and self.samples is not None:
                 wave = wave[:self.samples - int(segment.start * self.frame_s * model.sample_rate)]
             now = time.perf_counter()
@@ -152,7 +152,15 @@ class MusicStream:
                 return
 
     def _decode(self, segment) -> tuple[torch.Tensor, torch.Tensor]:
+        """The segment's latent, context included, to its log-mel (frames, bins) and waveform (samples,)."""
         model = self.model
         mel = model.vae.decode(segment.latent / model.vae.config.scaling_factor).sample  # (1, 1, frames, bins)
-        wave = model.vocoder(mel.squeeze(1))[0]
-        return self.mel_fade(mel[0, 0], segment), self.wave_fade(wave, segment)
+        return mel[0, 0], model.vocoder(mel.squeeze(1))[0]
+
+
+def noise_timeline(pipeline: TextToMusic, seed: int) -> NoiseTimeline:
+    """The initial noise of a stream with this seed, frame by frame; `frames(0, n)` is what an offline
+    generation of the same n latent frames starts from to be the stream's counterpart."""
+    shape = list(pipeline.latent_shape(1, 1.0))
+    shape[2] = 1  # the latent's time axis
+    return NoiseTimeline(tuple(shape), torch.Generator().manual_seed(seed), time_dim=2)

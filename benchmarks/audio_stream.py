@@ -49,11 +49,9 @@ def generate_ms(pipeline, accel: str, seconds: float, noise: torch.Tensor) -> tu
 
 def timeline_noise(pipeline, seconds: float, seed: int = 0) -> torch.Tensor:
     """The noise a stream of `seconds` starts from, so the offline generation is the stream's counterpart."""
-    from rtdiff.runtime.windows import NoiseTimeline
+    from rtdiff.audio.stream import noise_timeline
 
-    shape = list(pipeline.latent_shape(1, seconds))
-    frames, shape[2] = shape[2], 1
-    return NoiseTimeline(tuple(shape), torch.Generator().manual_seed(seed)).frames(0, frames)
+    return noise_timeline(pipeline, seed).frames(0, pipeline.latent_shape(1, seconds)[2])
 
 
 def stream_over_server(address: str, seconds: float, paced: bool, **params) -> dict:

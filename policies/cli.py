@@ -5,7 +5,6 @@ Registered through rtdiff.policies.modality; the core command line (runtime/cli.
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 import sys
 from pathlib import Path
@@ -103,31 +102,14 @@ def _accel_options(args) -> dict:
     return parse_options(args.accel, args.accel_option)
 
 
-@contextlib.contextmanager
 def _local_server(task: str, checkpoint: str, solver: str | None, steps: int | None, accel: str, backend: str,
                   accel_options: list[str]):
-    """A server process for one policy on a private ipc socket; yields its address, stops it after."""
-    import signal
-    import subprocess
-    import tempfile
+    """A server process for one policy on a private ipc socket (runtime/cli.py `local_server`)."""
+    from rtdiff.runtime.cli import local_server
 
-    with tempfile.TemporaryDirectory(prefix="rtdiff-serve-") as workdir:
-        address = f"ipc://{workdir}/server.ipc"
-        server = subprocess.Popen(
-            [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", f"{task}={checkpoint}", "--bind", address,
-             *(["--solver", solver] if solver else []), *(["--steps", str(steps)] if steps else []),
-             "--accel", accel, "--threads", "1", "--backend", backend,
-             *(f"--accel-option={pair}" for pair in accel_options)],
-            stdout=subprocess.PIPE, text=True)
-        try:
-            line = server.stdout.readline()
-            if not line.startswith("serving"):
-                raise ValueError(f"the server did not start (exit {server.wait()}): {line.strip()}")
-            print(line.strip(), flush=True)
-            yield address
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
+    return local_server(["--model", f"{task}={checkpoint}", *(["--solver", solver] if solver else []),
+                         *(["--steps", str(steps)] if steps else []), "--accel", accel, "--threads", "1",
+                         "--backend", backend, *(f"--accel-option={pair}" for pair in accel_options)])
 
 
 def cmd_demo(args) -> None:

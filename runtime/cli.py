@@ -8,6 +8,7 @@ solver) ends in one line, `rtdiff: error: ...`, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -116,6 +117,29 @@ def add_run_arguments(parser, backend: str | None = "torch") -> None:
                         help="an accelerator option, VALUE in JSON, e.g. threshold=0.02 or window=[0.1,0.9] (repeatable)")
     parser.add_argument("--backend", default=backend, help="torch | onnxruntime | tensorrt | cudagraph "
                         "(exported and built on first use, cached)")
+
+
+@contextlib.contextmanager
+def local_server(serve_args: list[str]):
+    """`rtdiff serve SERVE_ARGS` as a process on a private ipc socket: yields its address once it serves, and
+    stops it after (what the demos and the sims' own servers run)."""
+    import signal
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="rtdiff-serve-") as workdir:
+        address = f"ipc://{workdir}/server.ipc"
+        server = subprocess.Popen([sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--bind", address,
+                                   *serve_args], stdout=subprocess.PIPE, text=True)
+        try:
+            line = server.stdout.readline()
+            if not line.startswith("serving"):
+                raise ValueError(f"the server did not start (exit {server.wait()}): {line.strip()}")
+            print(line.strip(), flush=True)
+            yield address
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
 
 
 def build_parser() -> argparse.ArgumentParser:

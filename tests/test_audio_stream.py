@@ -8,8 +8,7 @@ import torch
 
 from rtdiff.audio.components import load_musicldm
 from rtdiff.audio.pipeline import TextToMusic
-from rtdiff.audio.stream import MusicStream
-from rtdiff.runtime.windows import NoiseTimeline
+from rtdiff.audio.stream import MusicStream, noise_timeline
 from tests.musicldm_tiny import build_tiny_musicldm
 
 PROMPT = "a fast high melody with drums"
@@ -50,9 +49,7 @@ def test_one_window_is_the_offline_generation(pipeline):
     """A stream shorter than its window is one trajectory, decoded whole: exactly `generate` on that noise."""
     music = stream(pipeline, frames=16, window=16, overlap=4)
     (only,) = chunks(music)
-    shape = list(pipeline.latent_shape(1, frames_s(pipeline, 16)))
-    shape[2] = 1
-    noise = NoiseTimeline(tuple(shape), torch.Generator().manual_seed(0)).frames(0, 16)
+    noise = noise_timeline(pipeline, 0).frames(0, 16)
     offline = pipeline.generate([PROMPT], frames_s(pipeline, 16), steps=4, solver="dpmpp", latents=noise)
     assert torch.equal(only.mel, offline.mel[0, 0]) and torch.equal(only.wave, offline.wave[0])
     assert only.final and only.offset_s == 0
