@@ -363,13 +363,14 @@ class Server:
                 self._handle(frames)
             except Exception as error:  # a bug must not take the server down; the client hears of it
                 log.exception("handling a message failed")
-                self._send_error(frames[:1], "internal", f"{type(error).__name__}: {error}")
+                self._send_error([frames[0].bytes], "internal", f"{type(error).__name__}: {error}")
             if not self._more_waiting:
                 break
 
     def _handle(self, frames: list) -> None:
         # ROUTER gives [identity, body...]; REQ clients put an empty delimiter before the body.
-        envelope, body = (frames[:2], frames[2:]) if len(frames) > 1 and frames[1] == b"" else (frames[:1], frames[1:])
+        identity = frames[0].bytes  # a dict key: the client's queues and streams are keyed by it
+        envelope, body = ([identity, b""], frames[2:]) if len(frames) > 1 and not len(frames[1]) else ([identity], frames[1:])
         arrival = time.monotonic()
         try:
             message = decode(body, self.config.limits)
@@ -416,10 +417,16 @@ class Server:
         """Whether this client has a request or stream with this id queued or open (ids are unique in flight)."""
         if (client, request_id) in self.streams:
             return True
-        if any(p.message.id == request_id for clients in self.queues.values() for p in clients.get(client, ())):
-            return True
-        return any(p.envelope[0] == client and p.message.id == request_id
-                   for batches in self.running.values() for job in batches for p in job.batch)
+        for clients in self.queues.values():  # loops, not any(generator): this runs for every request
+            for pending in clients.get(client, ()):
+                if pending.message.id == request_id:
+                    return True
+        for batches in self.running.values():
+            for job in batches:
+                for pending in job.batch:
+                    if pending.envelope[0] == client and pending.message.id == request_id:
+                        return True
+        return False
 
     def _op_act(self, envelope, message, arrival, deadline) -> None:
         if self._in_flight(envelope[0], message.id):
@@ -440,8 +447,8 @@ class Server:
         if deadline is not None:
             self.fair[name].saw_deadline((deadline - arrival) * 1e3, arrival)
         if self._idle(name):  # nothing to wait for and nothing to batch with: computed now, never queued
-            self.fair[name].charge(client, arrival)
             self._run_batch(name, [pending], lightest=1)
+            self.fair[name].charge(client, arrival)  # after the reply went out: bookkeeping is not on its clock
             return
         self.queues[name].setdefault(client, deque()).append(pending)
         self.queued[name] += 1
@@ -735,7 +742,6 @@ class Server:
             return
         if compute_ms is None:
             compute_ms = (done.end - done.start) * 1e3
-        self.fair[name].finished(len(batch), compute_ms, done.end)
         delivered = []
         for pending, arrays in zip(batch, done.output):  # replies first: the bookkeeping below is not on their clock
             if pending.deadline is not None and done.end > pending.deadline:
@@ -747,6 +753,7 @@ class Server:
                       "total_ms": (done.end - pending.arrival) * 1e3, "batch": len(batch)}
             self._send(pending.envelope, reply("act", pending.message.id, arrays, timing=timing))
             delivered.append(timing)
+        self.fair[name].finished(len(batch), compute_ms, done.end)
         for timing in delivered:
             self.stats.record(timing["queue_ms"], compute_ms, timing["total_ms"])
         self.stats.counts["replies_ok"] += len(delivered)
@@ -806,6 +813,8 @@ def _deadline(message: Message, arrival: float) -> float | None:
     """The request's deadline on the server's monotonic clock: `deadline_ms` counts from arrival, `deadline_at` is
     a wall-clock time (Unix seconds, the client's clock: same host or synchronised clocks); the earlier wins. A
     request already late when it arrives is refused, never computed."""
+    if message.deadline_ms is None and message.deadline_at is None:
+        return None
     deadlines = []
     if message.deadline_ms is not None:
         deadlines.append(arrival + message.deadline_ms / 1e3)

@@ -117,19 +117,30 @@ class Client:
         """The reply to `request_id`; raises ServerError for an error reply, TimeoutError for none in time
         (timeout_ms=0: only if it has already arrived)."""
         timeout = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1e3
+        reply = self._buffered(request_id)
         end = time.monotonic() + timeout
-        while not self._replies.get(request_id):
+        while reply is None:
             frames = self._receive((end - time.monotonic()) * 1e3)
             if frames is None:
                 raise TimeoutError(f"no reply to request {request_id!r} from {self.address} within {timeout * 1e3:.0f} ms")
             header, arrays = decode_reply(frames)
-            self._replies[header.get("id")].append(Reply(header, arrays))
-        reply = self._replies[request_id].popleft()
-        if not self._replies[request_id]:
-            del self._replies[request_id]
+            if header.get("id") == request_id:
+                reply = Reply(header, arrays)
+            else:  # another request's (pipelined, or a stream's): kept for its own `result`
+                self._replies[header.get("id")].append(Reply(header, arrays))
         if not reply.header.get("ok"):
             error = reply.header.get("error", {})
             raise ServerError(error.get("code", "internal"), error.get("message", ""))
+        return reply
+
+    def _buffered(self, request_id) -> Reply | None:
+        """A reply to `request_id` read earlier while waiting for another, if there is one."""
+        replies = self._replies.get(request_id)
+        if not replies:
+            return None
+        reply = replies.popleft()
+        if not replies:
+            del self._replies[request_id]
         return reply
 
     # -- blocking ----------------------------------------------------------------------------------------

@@ -264,23 +264,28 @@ def decode_reply(frames: list, limits: Limits = Limits()) -> tuple[dict, dict[st
 
 # -- frames on a socket ----------------------------------------------------------------------------------
 
-# pyzmq's send_multipart/recv_multipart combine its flag enums on every frame, which costs microseconds a
-# message on the hot path; these do the same with plain ints
-_SNDMORE, _RCVMORE = int(zmq.SNDMORE), int(zmq.RCVMORE)
+# pyzmq's send_multipart/recv_multipart combine its flag enums on every frame, and its getsockopt turns each
+# option into an enum: microseconds a message on the hot path. These use plain ints, the Cython send (the sugar
+# layer above it only adds draft-API arguments) and the more-flag a received frame already carries.
+_SNDMORE = int(zmq.SNDMORE)
+_send = zmq.backend.Socket.send
 
 
 def send_frames(socket: zmq.Socket, frames: list, flags: int = 0, copy: bool = True) -> None:
-    """`socket.send_multipart(frames, flags, copy=copy)`, without the enum arithmetic."""
+    """`socket.send_multipart(frames, flags, copy=copy)`, without the enum arithmetic. For a plain zmq.Socket: an
+    asyncio or gevent socket's own `send` is bypassed."""
     for frame in frames[:-1]:
-        socket.send(frame, flags | _SNDMORE, copy=copy)
-    socket.send(frames[-1], flags, copy=copy)
+        _send(socket, frame, flags | _SNDMORE, copy)
+    _send(socket, frames[-1], flags, copy)
 
 
 def recv_frames(socket: zmq.Socket, flags: int = 0) -> list:
-    """`socket.recv_multipart(flags)`, without the enum arithmetic."""
-    frames = [socket.recv(flags)]
-    while socket.getsockopt(_RCVMORE):
-        frames.append(socket.recv(flags))
+    """`socket.recv_multipart(flags, copy=False)`: zmq.Frames (their `.buffer` is the data, no copy)."""
+    frame = socket.recv(flags, False)
+    frames = [frame]
+    while frame.more:
+        frame = socket.recv(flags, False)
+        frames.append(frame)
     return frames
 
 
