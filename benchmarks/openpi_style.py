@@ -9,6 +9,7 @@ same with a policy that answers zeros of PushT's shapes, so the comparison is
 of transports only.
 
     python benchmarks/openpi_style.py serve --port 8765   # prints "serving ws://..." when ready
+    python benchmarks/openpi_style.py serve --unix PATH   # the same over a Unix socket, beside rtdiff's ipc://
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def unpack(data: bytes) -> dict:
     return msgpack.unpackb(data, object_hook=_unpack_array)
 
 
-async def _serve(port: int) -> None:
-    from websockets.asyncio.server import serve
+async def _serve(port: int, unix_path: str | None = None) -> None:
+    from websockets.asyncio.server import serve, unix_serve
 
     actions = np.zeros(ACTIONS_SHAPE, np.float32)
 
@@ -53,18 +54,25 @@ async def _serve(port: int) -> None:
             unpack(data)  # the observation: decoded as openpi does, then unused, as a no-compute policy would
             await websocket.send(pack({"actions": actions}))
 
-    async with serve(handler, "127.0.0.1", port, compression=None, max_size=None) as server:
-        print(f"serving ws://127.0.0.1:{port}", flush=True)
+    if unix_path:
+        listening, shown = unix_serve(handler, unix_path, compression=None, max_size=None), f"unix:{unix_path}"
+    else:
+        listening, shown = serve(handler, "127.0.0.1", port, compression=None, max_size=None), f"ws://127.0.0.1:{port}"
+    async with listening as server:
+        print(f"serving {shown}", flush=True)
         await server.serve_forever()
 
 
 class OpenpiStyleClient:
-    """Blocking: one observation out, one action chunk back."""
+    """Blocking: one observation out, one action chunk back. `uri`: ws://host:port, or unix:PATH."""
 
     def __init__(self, uri: str):
-        from websockets.sync.client import connect
+        from websockets.sync.client import connect, unix_connect
 
-        self.websocket = connect(uri, compression=None, max_size=None)
+        if uri.startswith("unix:"):
+            self.websocket = unix_connect(uri[len("unix:"):], compression=None, max_size=None)
+        else:
+            self.websocket = connect(uri, compression=None, max_size=None)
         self.metadata = unpack(self.websocket.recv())
 
     def infer(self, obs: dict) -> dict:
@@ -79,8 +87,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["serve"])
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--unix", help="listen on this Unix socket path instead of a TCP port")
     args = parser.parse_args()
-    asyncio.run(_serve(args.port))
+    asyncio.run(_serve(args.port, args.unix))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,15 @@ runs when the core has just idled or just run torch decides the ratio.
 (b) Peers (`--peers`). The same PushT payload (obs float32 (2, 5), reply
 float32 (16, 2)) through the raw pyzmq echo, rtdiff serving the `null` model
 (no compute, every validation kept) over tcp and over ipc (same host), and an
-openpi-style websocket server (benchmarks/openpi_style.py), all in one client
+openpi-style websocket server (benchmarks/openpi_style.py) over tcp and over a
+Unix socket (so each transport has a like-for-like pair), all in one client
 process with their round
 trips interleaved (the order rotating), back to back and with 1 ms between
 requests, p50 and p99, `--runs` times with fresh servers; CPU per request of
 the client (its thread time around each round trip) and of each server process
 (/proc). The issue's target: rtdiff's p50 at most openpi's in both conditions,
-its p99 back to back at most 1 ms.
+its p99 back to back at most 1 ms. `--model-threads`: rtdiff computes `null` on a
+worker thread, as it would a model under `rtdiff serve --model-threads`.
 (c) Throughput. 1, 4, 16, 64 client processes, each sending `act` requests one
 after another for a fixed time, against a server with batching on (max batch
 64) and off (max batch 1): completed requests per second and client-side p99.
@@ -174,7 +176,8 @@ def measure_protocol_path(checkpoint: str, count: int) -> dict:
     return {name: percentile_us(timed(before), 50) for name, before in conditions.items()}
 
 
-PEERS = ("echo", "rtdiff", "openpi", "rtdiff_ipc")  # rtdiff_ipc: the same server's model over ipc://
+# rtdiff_ipc: the same server's model over ipc://; openpi_unix: the openpi-style server over a Unix socket
+PEERS = ("echo", "rtdiff", "openpi", "rtdiff_ipc", "openpi_unix")
 
 
 def process_cpu_s(pid: int) -> float:
@@ -189,20 +192,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_peers(workdir: str) -> tuple[dict, dict]:
+def start_peers(workdir: str, model_threads: bool = False) -> tuple[dict, dict]:
     """The servers, each in a process of its own: {name: pid}, {name: what to stop}."""
+    threads = ["--model-threads"] if model_threads else []
     rtdiff_address, echo_address, ws_port = (f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}",
                                              free_port())
     rtdiff = subprocess.Popen(
         [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", "bench=null:obs=2x5:actions=16x2",
-         "--bind", rtdiff_address, "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+         "--bind", rtdiff_address, "--threads", "1", *threads], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     rtdiff_ipc_address = f"ipc://{workdir}/rtdiff.ipc"
     rtdiff_ipc = subprocess.Popen(
         [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", "bench=null:obs=2x5:actions=16x2",
-         "--bind", rtdiff_ipc_address, "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+         "--bind", rtdiff_ipc_address, "--threads", "1", *threads], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     openpi = subprocess.Popen([sys.executable, str(Path(__file__).with_name("openpi_style.py")), "serve",
                                "--port", str(ws_port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for name, process in (("rtdiff", rtdiff), ("openpi", openpi), ("rtdiff_ipc", rtdiff_ipc)):
+    openpi_unix_path = f"{workdir}/openpi.sock"
+    openpi_unix = subprocess.Popen([sys.executable, str(Path(__file__).with_name("openpi_style.py")), "serve",
+                                    "--unix", openpi_unix_path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   text=True)
+    for name, process in (("rtdiff", rtdiff), ("openpi", openpi), ("rtdiff_ipc", rtdiff_ipc),
+                          ("openpi_unix", openpi_unix)):
         line = process.stdout.readline()
         if not line.startswith("serving"):
             raise RuntimeError(f"{name} server did not start: {line!r}")
@@ -210,17 +219,19 @@ def start_peers(workdir: str) -> tuple[dict, dict]:
     echo = mp.get_context("spawn").Process(target=echo_server, args=(echo_address, ready), daemon=True)
     echo.start()
     ready.wait(30)
-    pids = {"echo": echo.pid, "rtdiff": rtdiff.pid, "openpi": openpi.pid, "rtdiff_ipc": rtdiff_ipc.pid}
-    return pids, {"addresses": (echo_address, rtdiff_address, f"ws://127.0.0.1:{ws_port}", rtdiff_ipc_address),
-                  "processes": (echo, rtdiff, openpi, rtdiff_ipc)}
+    pids = {"echo": echo.pid, "rtdiff": rtdiff.pid, "openpi": openpi.pid, "rtdiff_ipc": rtdiff_ipc.pid,
+            "openpi_unix": openpi_unix.pid}
+    return pids, {"addresses": (echo_address, rtdiff_address, f"ws://127.0.0.1:{ws_port}", rtdiff_ipc_address,
+                                f"unix:{openpi_unix_path}"),
+                  "processes": (echo, rtdiff, openpi, rtdiff_ipc, openpi_unix)}
 
 
-def measure_peers_run(count: int, gap_s: float) -> dict:
+def measure_peers_run(count: int, gap_s: float, model_threads: bool = False) -> dict:
     from openpi_style import OpenpiStyleClient
 
     workdir = tempfile.mkdtemp(prefix="rtdiff-peers-")
-    pids, handles = start_peers(workdir)
-    echo_address, rtdiff_address, ws_uri, rtdiff_ipc_address = handles["addresses"]
+    pids, handles = start_peers(workdir, model_threads)
+    echo_address, rtdiff_address, ws_uri, rtdiff_ipc_address, unix_uri = handles["addresses"]
     obs = np.full((2, 5), 100.0, np.float32)
     echo_socket = zmq.Context.instance().socket(zmq.DEALER)
     echo_socket.connect(echo_address)
@@ -228,13 +239,15 @@ def measure_peers_run(count: int, gap_s: float) -> dict:
     rtdiff = Client(rtdiff_address, model="bench", timeout_ms=10_000)
     rtdiff_ipc = Client(rtdiff_ipc_address, model="bench", timeout_ms=10_000)
     openpi = OpenpiStyleClient(ws_uri)
+    openpi_unix = OpenpiStyleClient(unix_uri)
 
     def echo_trip():
         echo_socket.send_multipart(echo_frames)
         echo_socket.recv_multipart()
 
     trips = {"echo": echo_trip, "rtdiff": lambda: rtdiff.act(obs),
-             "openpi": lambda: openpi.infer({"obs": obs}), "rtdiff_ipc": lambda: rtdiff_ipc.act(obs)}
+             "openpi": lambda: openpi.infer({"obs": obs}), "rtdiff_ipc": lambda: rtdiff_ipc.act(obs),
+             "openpi_unix": lambda: openpi_unix.infer({"obs": obs})}
     wall = {name: [] for name in PEERS}
     client_cpu = {name: 0.0 for name in PEERS}
     server_cpu = {}
@@ -258,6 +271,7 @@ def measure_peers_run(count: int, gap_s: float) -> dict:
         rtdiff.close()
         rtdiff_ipc.close()
         openpi.close()
+        openpi_unix.close()
         echo_socket.send_multipart([b"stop"])
         echo_socket.close(linger=100)
         echo, *servers = handles["processes"]
@@ -272,12 +286,13 @@ def measure_peers_run(count: int, gap_s: float) -> dict:
             for name in PEERS}
 
 
-def measure_peers(count: int, runs: int) -> list[dict]:
+def measure_peers(count: int, runs: int, model_threads: bool = False) -> list[dict]:
     rows = []
     for run in range(runs):
         for condition, gap in (("back_to_back", 0.0), ("gap_1ms", 1e-3)):
-            result = measure_peers_run(count, gap)
-            rows.append({"run": run, "condition": condition, "count": count, **result})
+            result = measure_peers_run(count, gap, model_threads)
+            rows.append({"run": run, "condition": condition, "count": count, "model_threads": model_threads,
+                         **result})
             print(f"run {run} {condition:>12}: " + "; ".join(
                 f"{name} p50 {result[name]['p50_us']:.0f} p99 {result[name]['p99_us']:.0f} us "
                 f"(cpu {result[name]['client_cpu_us']:.0f}/{result[name]['server_cpu_us']:.0f})" for name in PEERS),
@@ -344,6 +359,7 @@ def main() -> None:
     parser.add_argument("--overhead-only", action="store_true", help="skip the throughput part")
     parser.add_argument("--peers", action="store_true", help="only (b): rtdiff on null against the echo and openpi")
     parser.add_argument("--runs", type=int, default=3, help="peers: runs, each with fresh servers")
+    parser.add_argument("--model-threads", action="store_true", help="peers: rtdiff serves `null` on a worker thread")
     parser.add_argument("--json", default="benchmarks/results/serve.json")
     args = parser.parse_args()
     client_counts = (1, 4, 16, 64)
@@ -354,7 +370,7 @@ def main() -> None:
     machine = (f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores, python "
                f"{sys.version.split()[0]}, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}")
     if args.peers:
-        rows = measure_peers(args.count, args.runs)
+        rows = measure_peers(args.count, args.runs, args.model_threads)
         write_result(args.json, {"machine": machine, "peers": rows})
         return
 

@@ -1,9 +1,9 @@
 """The rtdiff server: one ROUTER socket, any number of named models, dynamic batching, deadlines, streams.
 
 One thread owns the socket. With `model_threads`, it never runs a model: each
-served model computes on a worker thread of its own; without (the default,
-until the thread's longer latency tail is understood: runtime/workers.py),
-the same jobs run inline on the loop. Each turn of the loop reads
+served model computes on a worker thread of its own, and while one computes
+the loop reads a flood at a bounded share of the time; without (the default,
+for latency: runtime/workers.py), the same jobs run inline on the loop. Each turn of the loop reads
 every waiting message (validating it completely before a model sees it),
 takes back what the workers finished and sends it, drops queued work whose
 deadline has passed and streams whose lease ran out, and gives each idle
@@ -60,6 +60,12 @@ DEFAULT_CREDITS, MAX_CREDITS = 4, 64
 # step, and under a flood every message read costs CPU the models compute on. ZeroMQ fair-queues its peers, so a
 # light client's request is still among the first few read.
 READS_PER_TURN = 8
+# With models on worker threads, a loop that reads a flood as fast as it comes holds the GIL most of the time, and a
+# model's thread waits for it between every two torch ops (measured: a 10 Hz client beside four flooders got 52-57
+# of 100 answers in time, inline 90-97). So while a model computes and messages keep coming, the loop reads at
+# most this share of the time, pausing after each turn of reads; the workers' results still wake it at once.
+BUSY_READ_SHARE = 0.03
+BUSY_READ_PAUSE_MAX_S = 0.02
 # plain ints: pyzmq's flag enums cost microseconds per operation on the per-message path
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 IDLE_WAKE_S = 0.1  # the loop wakes this often with nothing to do: to notice a stop, run out leases, read keys
@@ -111,6 +117,21 @@ class SteppedBatch:
     lightest: int  # the fewest requests any of its clients had queued when it was taken
     started: float | None = None
     compute_s: float = 0.0  # its own steps' time, without the batches that went before it meanwhile
+    # on a worker thread the job runs step after step until the loop sets this (a lighter client or a stream waits
+    # for the model) or every deadline in it has passed: a hand-over between threads per step costs milliseconds
+    # when the cores are contended
+    yield_requested: bool = False
+
+    def run_steps(self):
+        """On the model's worker: steps until the replies' arrays (returned) or until the loop asks for the
+        model, or no request in it can still make its deadline (None)."""
+        while True:
+            output = next(self.steps)
+            if output is not None or self.yield_requested:
+                return output
+            now = time.monotonic()
+            if all(p.deadline is not None and p.deadline <= now for p in self.batch):
+                return None
 
 
 @dataclass
@@ -301,14 +322,26 @@ class Server:
         # finished jobs of threaded workers come back through the wake socket; inline ones are sent as they finish
         threaded = any(worker.threaded for worker in self.workers.values())
         items = [(self.socket, _POLLIN), *([(self._wake, _POLLIN)] if threaded else [])]
+        pause_s = 0.0  # how long the socket is left unread while a model computes (see BUSY_READ_SHARE)
         try:
             while not self.stop_event.is_set():
-                events = zmq.zmq_poll(items, self._poll_timeout_ms())  # the backend call: no Poller objects
+                timeout_ms = self._poll_timeout_ms()
+                if pause_s:  # only the workers' results wake the loop until the pause is over
+                    events = zmq.zmq_poll(items[1:], min(timeout_ms, math.ceil(pause_s * 1e3)))
+                else:
+                    events = zmq.zmq_poll(items, timeout_ms)  # the backend call: no Poller objects
+                read_s, pause_s = 0.0, 0.0
                 for socket, _ in events:
                     if socket is self.socket:
+                        started = time.monotonic()
                         self._read_all()
+                        read_s = time.monotonic() - started
                     else:
                         self._take_done()
+                if threaded:
+                    self._ask_yields()
+                    if self._more_waiting and any(worker.busy for worker in self.workers.values()):
+                        pause_s = min(BUSY_READ_PAUSE_MAX_S, read_s * (1 / BUSY_READ_SHARE - 1))
                 now = time.monotonic()
                 self._watch_clients(now)
                 if self._has_work():  # else nothing can expire or be dispatched
@@ -693,7 +726,10 @@ class Server:
             self._finish_batch(done)
 
     def _step_batch(self, name: str, job: SteppedBatch) -> None:
-        done = self.workers[name].submit(job, lambda service: next(job.steps))
+        worker = self.workers[name]
+        job.yield_requested = False
+        done = worker.submit(job, (lambda service: job.run_steps()) if worker.threaded else
+                             (lambda service: next(job.steps)))  # inline, the loop turns between steps
         if done is not None:
             self._finish_batch_step(done)
 
@@ -706,6 +742,17 @@ class Server:
         done = self.workers[stream.message.model].submit(stream, lambda service: stream.next_output(service, updates))
         if done is not None:
             self._finish_step(done)
+
+    def _ask_yields(self) -> None:
+        """Ask a worker running a stepped batch for its model back at the next step when `_dispatch` may have
+        something else to give it: a request from a client lighter than the batch's, or a stream step."""
+        for name, running in self.running.items():
+            if not running or not self.workers[name].busy or running[-1].yield_requested:
+                continue
+            current = running[-1]
+            lighter = self.queued[name] and min(map(len, self.queues[name].values())) <= current.lightest // 2
+            if lighter or any(s.message.model == name and s.ready() for s in self.streams.values()):
+                current.yield_requested = True
 
     def _take_done(self) -> None:
         while True:

@@ -1,19 +1,21 @@
 """A served model's compute: on a thread of its own, or inline on the server's loop.
 
 Threaded, the server's loop hands a worker one job at a time (a batch of `act`
-requests, or one step of a stream) and goes on reading the socket: `info`,
+requests, stepped until done or until the loop wants the model back, or one
+step of a stream) and goes on reading the socket: `info`,
 `stats`, `cancel` and other models' requests are answered while a model
 computes, and a slow model cannot hold up a fast one. A finished job goes back
 through a queue the loop drains, with one byte on an inproc socket to wake the
 loop's poll. A model's worker is its only thread, so the model and its hooks
 are never entered by two threads at once.
 
-Inline (the default for now), the job runs on the loop's thread when it is
-handed over and `submit` returns its result, which the loop sends at once.
-Measured on the 2-core machine (benchmarks/RESULTS.md, Serving): a real-time PushT sim against a
-threaded worker had 5 to 8 stalls in 10 episodes and a client p99 of 248 to
-324 ms, inline 0 stalls and 166 ms; why the thread's compute has the longer
-tail is not found yet, so threads are opt-in (`rtdiff serve --model-threads`).
+Inline (the default), the job runs on the loop's thread when it is handed over and `submit` returns its result,
+which the loop sends at once. Why inline stays the default, measured on the 2-core machine (benchmarks/RESULTS.md,
+Serving, session 19): on a thread a request pays two hand-overs between threads, which raise rtdiff's p50 on
+`null` from about 1.0x the openpi-style server's to 1.3x; and beside four processes flooding the
+same two cores, a 10 Hz client got 85 % of its answers in time against 96 % inline (each hand-over waits for a
+contended core). A real-time PushT sim no longer has the longer tail session 11 measured (0 stalls and client p99
+86-89 ms on threads, 93 and 133 ms inline), and a stream whose steps are slow needs threads (`rtdiff serve --model-threads`).
 """
 
 from __future__ import annotations

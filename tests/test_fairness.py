@@ -132,9 +132,14 @@ def test_a_client_s_queue_is_capped_and_requests_beyond_it_refused_without_refus
     assert refused > 0 and answered + refused == 12 and answered >= 4
 
 
-def test_a_lighter_client_s_request_goes_first_at_the_next_step_of_a_batch():
+# on a worker thread a stepped batch runs step after step until the loop asks for the model: the same order results
+threads = pytest.mark.parametrize("model_threads", [False, True], ids=["inline", "threaded"])
+
+
+@threads
+def test_a_lighter_client_s_request_goes_first_at_the_next_step_of_a_batch(model_threads):
     stepper = Stepper(step_s=0.1, steps=5)
-    with heavy_and_light(stepper, max_wait_ms=50) as (heavy, light):
+    with heavy_and_light(stepper, max_wait_ms=50, model_threads=model_threads) as (heavy, light):
         heavy_ids = [heavy.submit("act", {"x": X, "ids": IDS}, scale=1.0) for _ in range(8)]
         time.sleep(0.2)  # the heavy client's batch is at its second or third step
         assert light.call("act", {"x": X, "ids": IDS}, scale=2.0).arrays["y"][0, 0] == 2.0
@@ -145,9 +150,10 @@ def test_a_lighter_client_s_request_goes_first_at_the_next_step_of_a_batch():
     assert stepper.steps_computed == 5 * len(stepper.finished)  # the heavy batch resumed, not restarted
 
 
-def test_a_batch_whose_deadlines_have_all_passed_stops_computing():
+@threads
+def test_a_batch_whose_deadlines_have_all_passed_stops_computing(model_threads):
     stepper = Stepper(step_s=0.1, steps=10)
-    with ServerThread({"step": stepper}) as server:
+    with ServerThread({"step": stepper}, model_threads=model_threads) as server:
         with Client(server.address, model="step", timeout_ms=5000, retries=0) as client:
             ids = [client.submit("act", {"x": X, "ids": IDS}, deadline_ms=250, scale=1.0) for _ in range(3)]
             for request_id in ids:
@@ -157,13 +163,14 @@ def test_a_batch_whose_deadlines_have_all_passed_stops_computing():
     assert stepper.finished == [] and stepper.steps_computed <= 5  # of the 10 a finished batch takes
 
 
-def test_a_flood_of_long_batches_delays_a_10_hz_client_by_one_step_not_one_batch():
+@threads
+def test_a_flood_of_long_batches_delays_a_10_hz_client_by_one_step_not_one_batch(model_threads):
     """Each batch takes 120 ms: a 10 Hz client with a 200 ms deadline that waited for a whole batch and then
     computed its own would miss about a third of its requests."""
     import subprocess
     import sys
 
-    with ServerThread({"scale": Stepper(step_s=0.012, steps=10)}) as server:
+    with ServerThread({"scale": Stepper(step_s=0.012, steps=10)}, model_threads=model_threads) as server:
         flooders = [subprocess.Popen([sys.executable, "-c", FLOOD, server.address, "5"], stdout=subprocess.PIPE,
                                      text=True) for _ in range(3)]
         time.sleep(0.5)
