@@ -194,22 +194,20 @@ def free_port() -> int:
 
 def start_peers(workdir: str, model_threads: bool = False) -> tuple[dict, dict]:
     """The servers, each in a process of its own: {name: pid}, {name: what to stop}."""
-    threads = ["--model-threads"] if model_threads else []
+    def started(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def rtdiff_server(address: str) -> subprocess.Popen:
+        return started("-m", "rtdiff.runtime.cli", "serve", "--model", "bench=null:obs=2x5:actions=16x2",
+                       "--bind", address, "--threads", "1", *(["--model-threads"] if model_threads else []))
+
+    openpi_style = str(Path(__file__).with_name("openpi_style.py"))
     rtdiff_address, echo_address, ws_port = (f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}",
                                              free_port())
-    rtdiff = subprocess.Popen(
-        [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", "bench=null:obs=2x5:actions=16x2",
-         "--bind", rtdiff_address, "--threads", "1", *threads], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    rtdiff_ipc_address = f"ipc://{workdir}/rtdiff.ipc"
-    rtdiff_ipc = subprocess.Popen(
-        [sys.executable, "-m", "rtdiff.runtime.cli", "serve", "--model", "bench=null:obs=2x5:actions=16x2",
-         "--bind", rtdiff_ipc_address, "--threads", "1", *threads], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    openpi = subprocess.Popen([sys.executable, str(Path(__file__).with_name("openpi_style.py")), "serve",
-                               "--port", str(ws_port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    openpi_unix_path = f"{workdir}/openpi.sock"
-    openpi_unix = subprocess.Popen([sys.executable, str(Path(__file__).with_name("openpi_style.py")), "serve",
-                                    "--unix", openpi_unix_path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                   text=True)
+    rtdiff_ipc_address, openpi_unix_path = f"ipc://{workdir}/rtdiff.ipc", f"{workdir}/openpi.sock"
+    rtdiff, rtdiff_ipc = rtdiff_server(rtdiff_address), rtdiff_server(rtdiff_ipc_address)
+    openpi = started(openpi_style, "serve", "--port", str(ws_port))
+    openpi_unix = started(openpi_style, "serve", "--unix", openpi_unix_path)
     for name, process in (("rtdiff", rtdiff), ("openpi", openpi), ("rtdiff_ipc", rtdiff_ipc),
                           ("openpi_unix", openpi_unix)):
         line = process.stdout.readline()

@@ -122,16 +122,17 @@ class SteppedBatch:
     # when the cores are contended
     yield_requested: bool = False
 
+    def expired(self, now: float) -> bool:
+        """Every request in it has passed its deadline: computing on is for no one."""
+        return all(p.deadline is not None and p.deadline <= now for p in self.batch)
+
     def run_steps(self):
         """On the model's worker: steps until the replies' arrays (returned) or until the loop asks for the
         model, or no request in it can still make its deadline (None)."""
         while True:
             output = next(self.steps)
-            if output is not None or self.yield_requested:
+            if output is not None or self.yield_requested or self.expired(time.monotonic()):
                 return output
-            now = time.monotonic()
-            if all(p.deadline is not None and p.deadline <= now for p in self.batch):
-                return None
 
 
 @dataclass
@@ -333,9 +334,9 @@ class Server:
                 read_s, pause_s = 0.0, 0.0
                 for socket, _ in events:
                     if socket is self.socket:
-                        started = time.monotonic()
+                        started = time.monotonic() if threaded else 0.0  # inline, no pause: nothing to time
                         self._read_all()
-                        read_s = time.monotonic() - started
+                        read_s = time.monotonic() - started if threaded else 0.0
                     else:
                         self._take_done()
                 if threaded:
@@ -679,7 +680,7 @@ class Server:
                 self.stats.counts["batches_preempted"] += 1
                 self._run_batch(name, lighter, lightest)
                 return
-        if all(p.deadline is not None and p.deadline <= now for p in current.batch):
+        if current.expired(now):
             running.pop()
             for pending in current.batch:
                 self._send_error(pending.envelope, "deadline_exceeded", "deadline passed while computing",
