@@ -46,7 +46,7 @@ def serving(*models: str, model_threads: bool = False, server_nice: int = 0, ser
     address = free_address()
     command = [*(["nice", "-n", str(server_nice)] if server_nice else []), sys.executable, "-m", "rtdiff.runtime.cli", "serve",
                "--bind", address, "--threads", str(server_threads), "--backend", server_backend,
-               *(["--model-threads"] if model_threads else []), *(f"--model={m}" for m in models)]
+               "--model-threads", "on" if model_threads else "off", *(f"--model={m}" for m in models)]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()

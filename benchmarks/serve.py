@@ -26,7 +26,7 @@ requests, p50 and p99, `--runs` times with fresh servers; CPU per request of
 the client (its thread time around each round trip) and of each server process
 (/proc). The issue's target: rtdiff's p50 at most openpi's in both conditions,
 its p99 back to back at most 1 ms. `--model-threads`: rtdiff computes `null` on a
-worker thread, as it would a model under `rtdiff serve --model-threads`.
+worker thread, as it would a model under `rtdiff serve --model-threads on`.
 (c) Throughput. 1, 4, 16, 64 client processes, each sending `act` requests one
 after another for a fixed time, against a server with batching on (max batch
 64) and off (max batch 1): completed requests per second and client-side p99.
@@ -199,7 +199,7 @@ def start_peers(workdir: str, model_threads: bool = False) -> tuple[dict, dict]:
 
     def rtdiff_server(address: str) -> subprocess.Popen:
         return started("-m", "rtdiff.runtime.cli", "serve", "--model", "bench=null:obs=2x5:actions=16x2",
-                       "--bind", address, "--threads", "1", *(["--model-threads"] if model_threads else []))
+                       "--bind", address, "--threads", "1", "--model-threads", "on" if model_threads else "off")
 
     openpi_style = str(Path(__file__).with_name("openpi_style.py"))
     rtdiff_address, echo_address, ws_port = (f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}",

@@ -73,7 +73,7 @@ def cmd_serve(args) -> None:
                         backend=args.backend, batch_sizes=batch_sizes, threads=args.threads)
         services[name] = make_service(run)
     config = ServerConfig(bind=args.bind, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, curve_dir=args.curve,
-                          model_threads=args.model_threads)
+                          model_threads={"on": True, "off": False, "auto": None}[args.model_threads])
     server = Server(services, config)
     settings = "; ".join(f"{n}={s.run.checkpoint} {s.run.solver} {s.run.steps}" if hasattr(s, "run") else f"{n}=null"
                          for n, s in services.items())
@@ -169,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long a request may wait for others to batch with (0: none; load makes batches)")
     serve.add_argument("--threads", type=int, default=2)
     serve.add_argument("--curve", metavar="KEYDIR", help="encrypt and authenticate with the keys `rtdiff keys` made")
-    serve.add_argument("--model-threads", action="store_true",
+    serve.add_argument("--model-threads", nargs="?", const="on", default="auto", choices=["on", "off", "auto"],
                        help="compute each model on a thread of its own, so a slow model cannot hold up another or the "
-                            "socket (off by default: measured, it lengthens a lone policy's latency tail)")
+                            "socket; auto (the default): on when more than one model is served (a lone model computes "
+                            "on the loop, which costs a request no hand-over between threads)")
     serve.set_defaults(run=cmd_serve)
 
     keys = commands.add_parser("keys", help="make CURVE certificates for the server and one client")

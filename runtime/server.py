@@ -1,9 +1,10 @@
 """The rtdiff server: one ROUTER socket, any number of named models, dynamic batching, deadlines, streams.
 
-One thread owns the socket. With `model_threads`, it never runs a model: each
-served model computes on a worker thread of its own, and while one computes
-the loop reads a flood at a bounded share of the time; without (the default,
-for latency: runtime/workers.py), the same jobs run inline on the loop. Each turn of the loop reads
+One thread owns the socket. With `model_threads` (the default wherever more
+than one model is served), it never runs a model: each served model computes
+on a worker thread of its own, and while one computes the loop reads a flood
+at a bounded share of the time; without (the default for a lone model, for
+latency: runtime/workers.py), the same jobs run inline on the loop. Each turn of the loop reads
 every waiting message (validating it completely before a model sees it),
 takes back what the workers finished and sends it, drops queued work whose
 deadline has passed and streams whose lease ran out, and gives each idle
@@ -92,8 +93,9 @@ class ServerConfig:
     # flood produces within seconds here. Vanished clients are found by leases and undeliverable replies instead.
     heartbeat_ivl_ms: int = 0
     heartbeat_timeout_ms: int = 0
-    # each model computes on a thread of its own (the loop stays free) or inline on the loop (runtime/workers.py)
-    model_threads: bool = False
+    # each model computes on a thread of its own (the loop stays free) or inline on the loop (runtime/workers.py);
+    # None: on threads when more than one model is served, so that none can hold up another
+    model_threads: bool | None = None
     limits: Limits = field(default_factory=Limits)
     curve_dir: str | None = None  # keys from `rtdiff keys`; None: no encryption
     send_hwm: int = 1000
@@ -233,8 +235,9 @@ class Server:
         self._wake = self.context.socket(zmq.PULL)
         self._wake.setsockopt(zmq.LINGER, 0)
         self._wake.bind(f"inproc://rtdiff-done-{id(self)}")
+        threaded = self.config.model_threads if self.config.model_threads is not None else len(services) > 1
         self.workers = {name: ModelWorker(name, service, self.context, f"inproc://rtdiff-done-{id(self)}", self._done,
-                                          threaded=self.config.model_threads)
+                                          threaded=threaded)
                         for name, service in services.items()}
 
     # -- socket ------------------------------------------------------------------------------------------

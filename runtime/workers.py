@@ -9,13 +9,18 @@ through a queue the loop drains, with one byte on an inproc socket to wake the
 loop's poll. A model's worker is its only thread, so the model and its hooks
 are never entered by two threads at once.
 
-Inline (the default), the job runs on the loop's thread when it is handed over and `submit` returns its result,
-which the loop sends at once. Why inline stays the default, measured on the 2-core machine (benchmarks/RESULTS.md,
-Serving, session 19): on a thread a request pays two hand-overs between threads, which raise rtdiff's p50 on
-`null` from about 1.0x the openpi-style server's to 1.3x; and beside four processes flooding the
-same two cores, a 10 Hz client got 85 % of its answers in time against 96 % inline (each hand-over waits for a
-contended core). A real-time PushT sim no longer has the longer tail session 11 measured (0 stalls and client p99
-86-89 ms on threads, 93 and 133 ms inline), and a stream whose steps are slow needs threads (`rtdiff serve --model-threads`).
+Inline, the job runs on the loop's thread when it is handed over and `submit`
+returns its result, which the loop sends at once. A server holding one model
+computes it inline unless told otherwise, measured on the 2-core machine
+(benchmarks/RESULTS.md, Serving, session 19): on a thread a request pays two
+hand-overs between threads, which raise rtdiff's p50 on `null` from about 1.0x
+the openpi-style server's to 1.3x; and beside four processes flooding the same
+two cores, a 10 Hz client got 85 % of its answers in time against 96 % inline
+(each hand-over waits for a contended core). A real-time PushT sim no longer
+has the longer tail session 11 measured (0 stalls and client p99 86-89 ms on
+threads, 93 and 133 ms inline). A slow model beside a fast one needs threads,
+so a server holding more than one model uses them (`rtdiff serve
+--model-threads on|off` overrides either way).
 """
 
 from __future__ import annotations

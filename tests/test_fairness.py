@@ -226,8 +226,10 @@ def test_a_vanished_client_s_streams_are_freed():
             assert watcher.stats()["streams"] == 0
 
 
-def test_a_slow_model_does_not_hold_up_a_fast_one_or_the_loop():
-    with ServerThread({"slow": Ticker(step_s=0.3, steps=3), "scale": Scale()}, model_threads=True) as server:
+@pytest.mark.parametrize("config", [{"model_threads": True}, {}], ids=["threads", "default"])
+def test_a_slow_model_does_not_hold_up_a_fast_one_or_the_loop(config):
+    # by default a server holding more than one model computes each on its own thread
+    with ServerThread({"slow": Ticker(step_s=0.3, steps=3), "scale": Scale()}, **config) as server:
         with Client(server.address, timeout_ms=5000, retries=0) as client:
             stream = client.submit("stream", {"x": np.zeros(1, np.float32)}, model="slow", credits=3)
             arrivals = []
@@ -241,6 +243,18 @@ def test_a_slow_model_does_not_hold_up_a_fast_one_or_the_loop():
             client.result(stream)
             arrivals.append("slow step")
     assert arrivals == ["act"] * 5 + ["info", "slow step"]
+
+
+def test_a_lone_model_computes_on_the_loop_unless_told_otherwise():
+    from rtdiff.runtime.server import Server, ServerConfig
+
+    for services, config, threaded in [({"scale": Scale()}, {}, False), ({"scale": Scale()}, {"model_threads": True}, True),
+                                       ({"a": Scale(), "b": Scale()}, {"model_threads": False}, False)]:
+        server = Server(services, ServerConfig(bind="tcp://127.0.0.1:0", **config))
+        try:
+            assert [worker.threaded for worker in server.workers.values()] == [threaded] * len(services)
+        finally:
+            server.close()
 
 
 def test_a_request_late_on_arrival_is_refused_and_never_computed():
