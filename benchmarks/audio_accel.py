@@ -61,6 +61,18 @@ CONFIGS = [
     ("bac+sada-0.36-lagrange-linear", "bac+sada", {"estimate": "lagrange", "reuse": "linear"}, 0.36),
     ("bac+sada-0.33-lagrange-linear", "bac+sada", {"estimate": "lagrange", "reuse": "linear"}, 0.33),
     ("bac+sada-0.25-lagrange-linear", "bac+sada", {"estimate": "lagrange", "reuse": "linear"}, 0.25),
+    # around SADA's published 1.8x operating point, and bac+sada built on its one-skip-in-a-row lattice
+    ("sada-lagrange-t0", "sada", {"estimate": "lagrange", "threshold": 0.0}, None),
+    ("sada-m1-lagrange-wide", "sada", {"max_consecutive": 1, "estimate": "lagrange", "window": (0.04, 1.0)}, None),
+    ("bac+sada-0.36-m1-lagrange-linear", "bac+sada",
+     {"max_consecutive": 1, "estimate": "lagrange", "reuse": "linear"}, 0.36),
+    ("bac+sada-0.32-m1-lagrange-linear", "bac+sada",
+     {"max_consecutive": 1, "estimate": "lagrange", "reuse": "linear"}, 0.32),
+    ("sada-w20-lagrange", "sada", {"estimate": "lagrange", "window": (0.2, 0.97)}, None),
+    ("bac+sada-0.34-w20-lagrange-linear", "bac+sada",
+     {"window": (0.2, 0.97), "estimate": "lagrange", "reuse": "linear"}, 0.34),
+    ("bac+sada-0.30-w20-lagrange-linear", "bac+sada",
+     {"window": (0.2, 0.97), "estimate": "lagrange", "reuse": "linear"}, 0.30),
 ]
 SETTINGS = {"dpmpp-50": ("dpmpp", 50), "ddim-200": ("ddim", 200)}
 
