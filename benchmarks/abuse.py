@@ -41,12 +41,12 @@ def free_address() -> str:
 
 
 @contextlib.contextmanager
-def serving(*models: str, model_threads: bool = False, server_nice: int = 0, server_threads: int = 1,
+def serving(*models: str, model_threads: str = "auto", server_nice: int = 0, server_threads: int = 1,
             server_backend: str = "torch"):
     address = free_address()
     command = [*(["nice", "-n", str(server_nice)] if server_nice else []), sys.executable, "-m", "rtdiff.runtime.cli", "serve",
                "--bind", address, "--threads", str(server_threads), "--backend", server_backend,
-               "--model-threads", "on" if model_threads else "off", *(f"--model={m}" for m in models)]
+               "--model-threads", model_threads, *(f"--model={m}" for m in models)]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
@@ -81,7 +81,7 @@ def flooder(address: str, model: str, seconds: float, queue, cpus: tuple[int, ..
     sock.close()
 
 
-def measure_flood(seconds: float, flooders: int, model: str = "pusht-unet", model_threads: bool = False,
+def measure_flood(seconds: float, flooders: int, model: str = "pusht-unet", model_threads: str = "auto",
                   flooder_cpus: tuple[int, ...] | None = None, server_nice: int = 0, server_threads: int = 1,
                   server_backend: str = "torch") -> dict:
     with serving(f"pusht={model}", model_threads=model_threads, server_nice=server_nice,
@@ -127,10 +127,10 @@ def measure_flood(seconds: float, flooders: int, model: str = "pusht-unet", mode
                        "batch_cap_after": stats["models"]["pusht"].get("batch_cap")}}
 
 
-def measure_slow_stream(episodes: int, workers: int, model_threads: bool = True) -> dict:
+def measure_slow_stream(episodes: int, workers: int, model_threads: str = "auto") -> dict:
     from rtdiff.sims.remote import run_remote
 
-    # model threads: a stream's 300 ms steps inline would hold the loop, and the policy with it
+    # two models: by default each on its own thread (a stream's 300 ms steps inline would hold the policy)
     with serving("pusht=pusht-unet", "slow=null:steps=100000:step_ms=300", model_threads=model_threads) as address:
         stop, slow_steps = threading.Event(), []
 
@@ -150,7 +150,8 @@ def measure_slow_stream(episodes: int, workers: int, model_threads: bool = True)
         streamer.join(timeout=10)
     keys = ("score_mean", "success_rate", "stalls", "ticks", "latency_ms", "server_latency_ms", "request_errors",
             "request_timeouts", "episodes", "clients")
-    return {"scenario": "slow-stream", "slow_steps_during_sim": len(slow_steps), **{k: report[k] for k in keys}}
+    return {"scenario": "slow-stream", "model_threads": model_threads, "slow_steps_during_sim": len(slow_steps),
+            **{k: report[k] for k in keys}}
 
 
 def main() -> None:
@@ -161,7 +162,8 @@ def main() -> None:
     parser.add_argument("--model", default="pusht-unet", help="flood: what the server holds (null: no compute)")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--workers", type=int, default=1, help="sim client processes")
-    parser.add_argument("--model-threads", action="store_true", help="flood: the server's models on threads")
+    parser.add_argument("--model-threads", nargs="?", const="on", choices=["on", "off", "auto"], default="auto",
+                        help="the server's `--model-threads` (auto: threads when it holds more than one model)")
     parser.add_argument("--flooder-cpus", help="flood: confine the flooding processes to these cores (e.g. 1)")
     parser.add_argument("--server-nice", type=int, default=0,
                         help="flood: start the server under `nice -n N` (negative: a higher priority; needs the right)")
@@ -174,7 +176,7 @@ def main() -> None:
         result = measure_flood(args.seconds, args.flooders, args.model, args.model_threads, cpus, args.server_nice,
                                args.server_threads, args.server_backend)
     else:
-        result = measure_slow_stream(args.episodes, args.workers)
+        result = measure_slow_stream(args.episodes, args.workers, args.model_threads)
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
