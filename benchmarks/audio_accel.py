@@ -61,7 +61,7 @@ CONFIGS = [
     ("bac+sada-0.36-lagrange-linear", "bac+sada", {"estimate": "lagrange", "reuse": "linear"}, 0.36),
     ("bac+sada-0.33-lagrange-linear", "bac+sada", {"estimate": "lagrange", "reuse": "linear"}, 0.33),
     ("bac+sada-0.25-lagrange-linear", "bac+sada", {"estimate": "lagrange", "reuse": "linear"}, 0.25),
-    # around SADA's published 1.8x operating point, and bac+sada built on its one-skip-in-a-row lattice
+    # SADA nearer its published 1.8x (a wider window, or a later one), and bac+sada on those settings' lattices
     ("sada-lagrange-t0", "sada", {"estimate": "lagrange", "threshold": 0.0}, None),
     ("sada-m1-lagrange-wide", "sada", {"max_consecutive": 1, "estimate": "lagrange", "window": (0.04, 1.0)}, None),
     ("bac+sada-0.36-m1-lagrange-linear", "bac+sada",
