@@ -24,8 +24,8 @@ class Ticker:
     params = {}
     chunk_inputs = ()
 
-    def __init__(self, step_s: float = 0.0, steps: int = 50):
-        self.step_s, self.steps = step_s, steps
+    def __init__(self, step_s: float = 0.0, steps: int = 50, events: list | None = None):
+        self.step_s, self.steps, self.events = step_s, steps, events
 
     def info(self):
         return {"kind": "test"}
@@ -35,8 +35,24 @@ class Ticker:
 
     def stream(self, message):
         for k in range(self.steps):
+            self._log("slow starts")
             time.sleep(self.step_s)
+            self._log("slow ends")
             yield {"k": np.array([k], np.float32)}, {}, k == self.steps - 1
+
+    def _log(self, event: str) -> None:
+        if self.events is not None:
+            self.events.append(event)
+
+
+class LoggedScale(Scale):
+    def __init__(self, events: list):
+        super().__init__()
+        self.events = events
+
+    def run_batch(self, messages):
+        self.events.append("act")
+        return super().run_batch(messages)
 
 
 class Stepper(Scale):
@@ -228,28 +244,30 @@ def test_a_vanished_client_s_streams_are_freed():
 
 @pytest.mark.parametrize("config", [{"model_threads": True}, {}], ids=["threads", "default"])
 def test_a_slow_model_does_not_hold_up_a_fast_one_or_the_loop(config):
-    # by default a server holding more than one model computes each on its own thread
-    with ServerThread({"slow": Ticker(step_s=0.3, steps=3), "scale": Scale()}, **config) as server:
+    # by default a server holding more than one model computes each on its own thread (computed on the loop, every
+    # act would wait for the slow step: "slow ends" would come second)
+    events = []
+    with ServerThread({"slow": Ticker(step_s=0.3, steps=3, events=events), "scale": LoggedScale(events)},
+                      **config) as server:
         with Client(server.address, timeout_ms=5000, retries=0) as client:
             stream = client.submit("stream", {"x": np.zeros(1, np.float32)}, model="slow", credits=3)
-            arrivals = []
-            # while the slow model computes its first step, the fast one answers and so does the loop
-            for _ in range(5):
-                act_id = client.submit("act", {"x": X, "ids": IDS}, model="scale", scale=1.0)
-                client.result(act_id)
-                arrivals.append("act")
+            deadline = time.monotonic() + 5
+            while not events and time.monotonic() < deadline:
+                time.sleep(0.005)
+            for _ in range(5):  # while the slow model computes its first step
+                client.result(client.submit("act", {"x": X, "ids": IDS}, model="scale", scale=1.0))
             client.info()
-            arrivals.append("info")
+            events.append("info answered")
             client.result(stream)
-            arrivals.append("slow step")
-    assert arrivals == ["act"] * 5 + ["info", "slow step"]
+    assert events[:8] == ["slow starts"] + ["act"] * 5 + ["info answered", "slow ends"]
 
 
 def test_a_lone_model_computes_on_the_loop_unless_told_otherwise():
     from rtdiff.runtime.server import Server, ServerConfig
 
-    for services, config, threaded in [({"scale": Scale()}, {}, False), ({"scale": Scale()}, {"model_threads": True}, True),
-                                       ({"a": Scale(), "b": Scale()}, {"model_threads": False}, False)]:
+    cases = [({"scale": Scale()}, {}, False), ({"scale": Scale()}, {"model_threads": True}, True),
+             ({"a": Scale(), "b": Scale()}, {"model_threads": False}, False)]
+    for services, config, threaded in cases:
         server = Server(services, ServerConfig(bind="tcp://127.0.0.1:0", **config))
         try:
             assert [worker.threaded for worker in server.workers.values()] == [threaded] * len(services)
