@@ -144,10 +144,11 @@ def sixty(seconds: float, accel: str, listeners: int, threads: int) -> dict:
     return summary
 
 
-def pusht_beside_listener(episodes: int, accel: str, threads: int) -> dict:
+def pusht_beside_listener(episodes: int, accel: str, threads: int, model_threads: str = "auto") -> dict:
     from rtdiff.sims.remote import run_remote
 
-    with serving("pusht=pusht-unet", "music=music-tiny", server_threads=threads) as address:
+    with serving("pusht=pusht-unet", "music=music-tiny", server_threads=threads,
+                 model_threads=model_threads) as address:
         stop, received = threading.Event(), []
 
         def keep_listening() -> None:
@@ -169,7 +170,8 @@ def pusht_beside_listener(episodes: int, accel: str, threads: int) -> dict:
         listener.join(timeout=30)
     keys = ("score_mean", "success_rate", "stalls", "ticks", "latency_ms", "server_latency_ms", "request_errors",
             "request_timeouts", "episodes")
-    summary = {"accel": accel, "music_seconds_during_sim": sum(received), **{k: report[k] for k in keys}}
+    summary = {"accel": accel, "model_threads": model_threads, "music_seconds_during_sim": sum(received),
+               **{k: report[k] for k in keys}}
     print(json.dumps(summary), flush=True)
     return summary
 
@@ -183,6 +185,8 @@ def main() -> None:
     parser.add_argument("--best", default="bac+sada", help="sixty, ties and pusht: the accelerator")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2, help="the server's torch threads (and this process's)")
+    parser.add_argument("--model-threads", choices=["on", "off", "auto"], default="auto",
+                        help="pusht: the server's --model-threads (auto: threads, since it holds two models)")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -204,7 +208,7 @@ def main() -> None:
         result["one_listener"] = sixty(args.long_seconds, args.best, 1, args.threads)
         result["four_listeners"] = sixty(args.long_seconds, args.best, 4, args.threads)
     if "pusht" in sections:
-        result["pusht"] = pusht_beside_listener(args.episodes, args.best, args.threads)
+        result["pusht"] = pusht_beside_listener(args.episodes, args.best, args.threads, args.model_threads)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
