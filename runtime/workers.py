@@ -18,9 +18,11 @@ the openpi-style server's to 1.3x; and beside four processes flooding the same
 two cores, a 10 Hz client got 85 % of its answers in time against 96 % inline
 (each hand-over waits for a contended core). A real-time PushT sim no longer
 has the longer tail session 11 measured (0 stalls and client p99 86-89 ms on
-threads, 93 and 133 ms inline). A slow model beside a fast one needs threads,
-so a server holding more than one model uses them (`rtdiff serve
---model-threads on|off` overrides either way).
+threads, 93 and 133 ms inline). A slow model beside a fast one needs threads
+(a PushT sim beside a music stream, session 20: 0 stalls and client p99
+224-233 ms on threads, 1-2 stalls and 319 ms inline), so a server holding more
+than one model uses them (`rtdiff serve --model-threads on|off` overrides
+either way).
 """
 
 from __future__ import annotations
