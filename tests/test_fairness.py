@@ -275,6 +275,17 @@ def test_a_lone_model_computes_on_the_loop_unless_told_otherwise():
             server.close()
 
 
+def test_serve_s_model_threads_flag_defaults_to_auto_and_alone_means_on():
+    from rtdiff.runtime.cli import build_parser
+
+    def parsed(*flags):
+        return build_parser().parse_args(["serve", "--model", "a=null", *flags]).model_threads
+
+    assert (parsed(), parsed("--model-threads"), parsed("--model-threads", "off")) == ("auto", "on", "off")
+    with pytest.raises(SystemExit):
+        parsed("--model-threads", "sometimes")
+
+
 def test_a_request_late_on_arrival_is_refused_and_never_computed():
     scale = Scale()
     with ServerThread({"scale": scale}) as server:
