@@ -124,6 +124,11 @@ class SteppedBatch:
     # when the cores are contended
     yield_requested: bool = False
 
+    @property
+    def preempted_at(self) -> int:
+        """A client with at most this many requests queued starts its own batch before this one's next step."""
+        return self.lightest // 2
+
     def expired(self, now: float) -> bool:
         """Every request in it has passed its deadline: computing on is for no one."""
         return all(p.deadline is not None and p.deadline <= now for p in self.batch)
@@ -235,9 +240,9 @@ class Server:
         self._wake = self.context.socket(zmq.PULL)
         self._wake.setsockopt(zmq.LINGER, 0)
         self._wake.bind(f"inproc://rtdiff-done-{id(self)}")
-        threaded = self.config.model_threads if self.config.model_threads is not None else len(services) > 1
+        self.threaded = self.config.model_threads if self.config.model_threads is not None else len(services) > 1
         self.workers = {name: ModelWorker(name, service, self.context, f"inproc://rtdiff-done-{id(self)}", self._done,
-                                          threaded=threaded)
+                                          threaded=self.threaded)
                         for name, service in services.items()}
 
     # -- socket ------------------------------------------------------------------------------------------
@@ -324,7 +329,7 @@ class Server:
                 signal.signal(signum, lambda *_: self.stop_event.set())
             signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_requested", True))
         # finished jobs of threaded workers come back through the wake socket; inline ones are sent as they finish
-        threaded = any(worker.threaded for worker in self.workers.values())
+        threaded = self.threaded  # a local: read several times every turn
         items = [(self.socket, _POLLIN), *([(self._wake, _POLLIN)] if threaded else [])]
         pause_s = 0.0  # how long the socket is left unread while a model computes (see BUSY_READ_SHARE)
         try:
@@ -678,7 +683,7 @@ class Server:
         running = self.running[name]
         current = running[-1]
         if self.queued[name]:
-            lighter, lightest = self._take_batch(name, at_most=current.lightest // 2)
+            lighter, lightest = self._take_batch(name, at_most=current.preempted_at)
             if lighter:
                 self.stats.counts["batches_preempted"] += 1
                 self._run_batch(name, lighter, lightest)
@@ -754,7 +759,7 @@ class Server:
             if not running or not self.workers[name].busy or running[-1].yield_requested:
                 continue
             current = running[-1]
-            lighter = self.queued[name] and min(map(len, self.queues[name].values())) <= current.lightest // 2
+            lighter = self.queued[name] and min(map(len, self.queues[name].values())) <= current.preempted_at
             if lighter or any(s.message.model == name and s.ready() for s in self.streams.values()):
                 current.yield_requested = True
 
