@@ -73,6 +73,11 @@ CONFIGS = [
      {"window": (0.2, 0.97), "estimate": "lagrange", "reuse": "linear"}, 0.34),
     ("bac+sada-0.30-w20-lagrange-linear", "bac+sada",
      {"window": (0.2, 0.97), "estimate": "lagrange", "reuse": "linear"}, 0.30),
+    # SADA as its paper and code configure it for 50 steps (../shared/NOTES.md): skip where mean(score) <= 0, steps
+    # 10..47, at most 4 skips in a row; the Lagrange estimate, and the epsilon reuse
+    ("sada-published", "sada", {"threshold": 0.0, "window": (0.2, 0.96), "max_consecutive": 4,
+                                "estimate": "lagrange"}, None),
+    ("sada-published-eps", "sada", {"threshold": 0.0, "window": (0.2, 0.96), "max_consecutive": 4}, None),
 ]
 SETTINGS = {"dpmpp-50": ("dpmpp", 50), "ddim-200": ("ddim", 200)}
 
