@@ -27,6 +27,9 @@ the client (its thread time around each round trip) and of each server process
 (/proc). The issue's target: rtdiff's p50 at most openpi's in both conditions,
 its p99 back to back at most 1 ms. `--model-threads`: rtdiff computes `null` on a
 worker thread, as it would a model under `rtdiff serve --model-threads on`.
+`--server-cpus 1 --client-cpus 0`: every thread of every server process (all
+peers alike, their I/O threads included) on the server CPUs, the client's on
+its own, as a deployment that pins its processes would run.
 (c) Throughput. 1, 4, 16, 64 client processes, each sending `act` requests one
 after another for a fixed time, against a server with batching on (max batch
 64) and off (max batch 1): completed requests per second and client-side p99.
@@ -192,6 +195,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Every thread the process has now (ZeroMQ's I/O thread starts with its context) onto `cpus`."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
+
+
 def start_peers(workdir: str, model_threads: bool = False) -> tuple[dict, dict]:
     """The servers, each in a process of its own: {name: pid}, {name: what to stop}."""
     def started(*args: str) -> subprocess.Popen:
@@ -224,11 +233,14 @@ def start_peers(workdir: str, model_threads: bool = False) -> tuple[dict, dict]:
                   "processes": (echo, rtdiff, openpi, rtdiff_ipc, openpi_unix)}
 
 
-def measure_peers_run(count: int, gap_s: float, model_threads: bool = False) -> dict:
+def measure_peers_run(count: int, gap_s: float, model_threads: bool = False, server_cpus: set[int] | None = None,
+                      client_cpus: set[int] | None = None) -> dict:
     from openpi_style import OpenpiStyleClient
 
     workdir = tempfile.mkdtemp(prefix="rtdiff-peers-")
     pids, handles = start_peers(workdir, model_threads)
+    for pid in pids.values() if server_cpus else ():
+        pin_process(pid, server_cpus)
     echo_address, rtdiff_address, ws_uri, rtdiff_ipc_address, unix_uri = handles["addresses"]
     obs = np.full((2, 5), 100.0, np.float32)
     echo_socket = zmq.Context.instance().socket(zmq.DEALER)
@@ -238,6 +250,8 @@ def measure_peers_run(count: int, gap_s: float, model_threads: bool = False) -> 
     rtdiff_ipc = Client(rtdiff_ipc_address, model="bench", timeout_ms=10_000)
     openpi = OpenpiStyleClient(ws_uri)
     openpi_unix = OpenpiStyleClient(unix_uri)
+    if client_cpus:  # after the clients' sockets exist: their context's I/O thread goes along
+        pin_process(os.getpid(), client_cpus)
 
     def echo_trip():
         echo_socket.send_multipart(echo_frames)
@@ -284,12 +298,14 @@ def measure_peers_run(count: int, gap_s: float, model_threads: bool = False) -> 
             for name in PEERS}
 
 
-def measure_peers(count: int, runs: int, model_threads: bool = False) -> list[dict]:
+def measure_peers(count: int, runs: int, model_threads: bool = False, server_cpus: set[int] | None = None,
+                  client_cpus: set[int] | None = None) -> list[dict]:
     rows = []
     for run in range(runs):
         for condition, gap in (("back_to_back", 0.0), ("gap_1ms", 1e-3)):
-            result = measure_peers_run(count, gap, model_threads)
+            result = measure_peers_run(count, gap, model_threads, server_cpus, client_cpus)
             rows.append({"run": run, "condition": condition, "count": count, "model_threads": model_threads,
+                         "server_cpus": sorted(server_cpus or ()), "client_cpus": sorted(client_cpus or ()),
                          **result})
             print(f"run {run} {condition:>12}: " + "; ".join(
                 f"{name} p50 {result[name]['p50_us']:.0f} p99 {result[name]['p99_us']:.0f} us "
@@ -358,6 +374,8 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true", help="only (b): rtdiff on null against the echo and openpi")
     parser.add_argument("--runs", type=int, default=3, help="peers: runs, each with fresh servers")
     parser.add_argument("--model-threads", action="store_true", help="peers: rtdiff serves `null` on a worker thread")
+    parser.add_argument("--server-cpus", type=cpu_set, help="peers: pin every server process here, e.g. 1")
+    parser.add_argument("--client-cpus", type=cpu_set, help="peers: pin the client here, e.g. 0")
     parser.add_argument("--json", default="benchmarks/results/serve.json")
     args = parser.parse_args()
     client_counts = (1, 4, 16, 64)
@@ -368,7 +386,7 @@ def main() -> None:
     machine = (f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores, python "
                f"{sys.version.split()[0]}, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}")
     if args.peers:
-        rows = measure_peers(args.count, args.runs, args.model_threads)
+        rows = measure_peers(args.count, args.runs, args.model_threads, args.server_cpus, args.client_cpus)
         write_result(args.json, {"machine": machine, "peers": rows})
         return
 
@@ -394,6 +412,16 @@ def main() -> None:
         "overhead": overhead[0], "overhead_by_transport": overhead,
         "protocol_path_p50_us": protocol_path, "throughput": throughput,
     })
+
+
+def cpu_set(text: str) -> set[int]:
+    try:
+        cpus = {int(part) for part in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"CPUs are integers joined by commas, got {text!r}") from None
+    if not cpus <= os.sched_getaffinity(0):
+        raise argparse.ArgumentTypeError(f"CPUs {sorted(cpus)} are not all available here")
+    return cpus
 
 
 def write_result(path: str, result: dict) -> None:
