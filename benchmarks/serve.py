@@ -16,12 +16,15 @@ back to back, right after a 5 ms sleep, and right after one policy step: the
 echo's Python is a few microseconds, rtdiff's is tens, and how much slower it
 runs when the core has just idled or just run torch decides the ratio.
 (b) Peers (`--peers`). The same PushT payload (obs float32 (2, 5), reply
-float32 (16, 2)) through the raw pyzmq echo, rtdiff serving the `null` model
+float32 (16, 2)) through the raw pyzmq echo (of the frames rtdiff's client
+sends: with its default `inline_bytes`, one frame, the arrays inline), rtdiff serving the `null` model
 (no compute, every validation kept) over tcp and over ipc (same host), and an
 openpi-style websocket server (benchmarks/openpi_style.py) over tcp and over a
 Unix socket (so each transport has a like-for-like pair), all in one client
-process with their round
-trips interleaved (the order rotating), back to back and with 1 ms between
+process with their round trips interleaved (each round in a fresh random
+order: with a fixed rotation each peer always follows the same one, whose code
+and data have just filled the caches, and two copies of one server measured
+4 % apart), back to back and with 1 ms between
 requests, p50 and p99, `--runs` times with fresh servers; CPU per request of
 the client (its thread time around each round trip) and of each server process
 (/proc). The issue's target: rtdiff's p50 at most openpi's in both conditions,
@@ -42,6 +45,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import random
 import socket
 import subprocess
 import sys
@@ -234,7 +238,7 @@ def start_peers(workdir: str, model_threads: bool = False) -> tuple[dict, dict]:
 
 
 def measure_peers_run(count: int, gap_s: float, model_threads: bool = False, server_cpus: set[int] | None = None,
-                      client_cpus: set[int] | None = None) -> dict:
+                      client_cpus: set[int] | None = None, seed: int = 0) -> dict:
     from openpi_style import OpenpiStyleClient
 
     workdir = tempfile.mkdtemp(prefix="rtdiff-peers-")
@@ -245,8 +249,8 @@ def measure_peers_run(count: int, gap_s: float, model_threads: bool = False, ser
     obs = np.full((2, 5), 100.0, np.float32)
     echo_socket = zmq.Context.instance().socket(zmq.DEALER)
     echo_socket.connect(echo_address)
-    echo_frames = [bytes(f) for f in request("act", 0, "bench", {"obs": obs})]
     rtdiff = Client(rtdiff_address, model="bench", timeout_ms=10_000)
+    echo_frames = [bytes(f) for f in request("act", 0, "bench", {"obs": obs}, inline_bytes=rtdiff.inline_bytes)]
     rtdiff_ipc = Client(rtdiff_ipc_address, model="bench", timeout_ms=10_000)
     openpi = OpenpiStyleClient(ws_uri)
     openpi_unix = OpenpiStyleClient(unix_uri)
@@ -261,6 +265,7 @@ def measure_peers_run(count: int, gap_s: float, model_threads: bool = False, ser
              "openpi": lambda: openpi.infer({"obs": obs}), "rtdiff_ipc": lambda: rtdiff_ipc.act(obs),
              "openpi_unix": lambda: openpi_unix.infer({"obs": obs})}
     wall = {name: [] for name in PEERS}
+    rng = random.Random(seed)
     client_cpu = {name: 0.0 for name in PEERS}
     server_cpu = {}
     try:
@@ -268,7 +273,7 @@ def measure_peers_run(count: int, gap_s: float, model_threads: bool = False, ser
         for k in range(count + warmup):
             if k == warmup:
                 server_cpu = {name: process_cpu_s(pids[name]) for name in PEERS}
-            order = PEERS[k % len(PEERS):] + PEERS[:k % len(PEERS)]
+            order = rng.sample(PEERS, len(PEERS))
             for name in order:
                 if gap_s:
                     time.sleep(gap_s)
@@ -303,7 +308,7 @@ def measure_peers(count: int, runs: int, model_threads: bool = False, server_cpu
     rows = []
     for run in range(runs):
         for condition, gap in (("back_to_back", 0.0), ("gap_1ms", 1e-3)):
-            result = measure_peers_run(count, gap, model_threads, server_cpus, client_cpus)
+            result = measure_peers_run(count, gap, model_threads, server_cpus, client_cpus, seed=run)
             rows.append({"run": run, "condition": condition, "count": count, "model_threads": model_threads,
                          "server_cpus": sorted(server_cpus or ()), "client_cpus": sorted(client_cpus or ()),
                          **result})

@@ -34,6 +34,7 @@ the socket is ROUTER_MANDATORY and every send is non-blocking.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -590,9 +591,7 @@ class Server:
                                               "(max_streams_per_client); end or cancel one first")
         if len(self.streams) >= self.config.max_streams:
             raise ProtocolError("overloaded", f"{len(self.streams)} streams open on the server; retry later")
-        request = Message(message.op, message.id, message.model, message.deadline_ms,
-                          {k: v for k, v in message.params.items() if k != "credits"}, message.arrays,
-                          message.deadline_at)
+        request = dataclasses.replace(message, params={k: v for k, v in message.params.items() if k != "credits"})
         check_request(service, request)
         return service, request, credits
 
@@ -807,7 +806,8 @@ class Server:
                 continue
             timing = {"queue_ms": (done.start - pending.arrival) * 1e3, "compute_ms": compute_ms,
                       "total_ms": (done.end - pending.arrival) * 1e3, "batch": len(batch)}
-            self._send(pending.envelope, reply("act", pending.message.id, arrays, timing=timing))
+            self._send(pending.envelope, reply("act", pending.message.id, arrays, timing=timing,
+                                               inline_bytes=pending.message.inline_bytes))
             delivered.append(timing)
         self.fair[name].finished(len(batch), compute_ms, done.end)
         for timing in delivered:
@@ -840,7 +840,7 @@ class Server:
         stream.credits -= 1
         stream.last_heard = done.end
         sent = self._send(stream.envelope, reply(op, message.id, arrays, result=result, timing=timing,
-                                                 seq=stream.seq, final=final))
+                                                 inline_bytes=message.inline_bytes, seq=stream.seq, final=final))
         stream.seq += 1
         if final:
             self._close_stream(stream)

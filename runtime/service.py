@@ -156,11 +156,14 @@ def describe(service) -> dict:
 
 
 def check_arrays(specs: tuple[ArraySpec, ...], arrays: dict[str, np.ndarray]) -> None:
-    if len(arrays) != len(specs) or any(spec.name not in arrays for spec in specs):
-        raise ProtocolError("bad_array", f"takes arrays {[spec.name for spec in specs]}, got {sorted(arrays)}")
     sizes: dict[str, int] = {}
     for spec in specs:
-        spec.check(arrays[spec.name], sizes)
+        array = arrays.get(spec.name)
+        if array is None:
+            raise ProtocolError("bad_array", f"takes arrays {[spec.name for spec in specs]}, got {sorted(arrays)}")
+        spec.check(array, sizes)
+    if len(arrays) != len(specs):  # names unique: an array no spec names
+        raise ProtocolError("bad_array", f"takes arrays {[spec.name for spec in specs]}, got {sorted(arrays)}")
 
 
 def check_params(specs: dict[str, ParamSpec], params: dict, ignore: tuple[str, ...] = ()) -> None:

@@ -140,3 +140,52 @@ def test_the_message_size_limit_counts_all_its_arrays_together():
     two = [{"name": n, "dtype": "float32", "shape": [2, 5]} for n in ("a", "b")]
     assert code_of([header(arrays=two), OBS.tobytes(), OBS.tobytes()], limits) == "too_large"  # 40 bytes, twice
     assert decode([header(arrays=two[:1]), OBS.tobytes()], limits).arrays["a"].shape == (2, 5)
+
+
+def inline_header(data, **overrides):
+    return header(arrays=[{"name": "obs", "dtype": "float32", "shape": [2, 5], "data": data}], **overrides)
+
+
+def test_small_arrays_travel_inline_and_big_ones_in_frames():
+    big = np.arange(4096, dtype=np.float32)  # 16 KiB: over what is left after `obs`
+    frames = request("act", 7, "pusht", {"obs": OBS, "big": big}, inline_bytes=16 * 1024)
+    assert len(frames) == 2  # the header (obs inside it), then big's frame
+    message = decode([bytes(f) for f in frames])
+    np.testing.assert_array_equal(message.arrays["obs"], OBS)
+    np.testing.assert_array_equal(message.arrays["big"], big)
+    assert message.inline_bytes == 16 * 1024  # asked of the server for the replies
+    assert len(request("act", 7, "pusht", {"obs": OBS})) == 2  # inline_bytes 0: every array in a frame
+
+
+def test_replies_come_inline_only_as_far_as_asked():
+    actions = np.ones((16, 2), np.float32)
+    for inline_bytes, frame_count in ((0, 2), (actions.nbytes - 1, 2), (actions.nbytes, 1)):
+        frames = encode({"op": "act", "id": 1, "ok": True}, {"actions": actions}, inline_bytes)
+        assert len(frames) == frame_count
+        _, arrays = decode_reply([bytes(f) for f in frames])
+        np.testing.assert_array_equal(arrays["actions"], actions)
+
+
+@pytest.mark.parametrize("frames,code", [
+    ([inline_header(OBS.tobytes()[:-4])], "bad_array"),  # inline byte count
+    ([inline_header(OBS.tobytes()), OBS.tobytes()], "bad_message"),  # a frame for an array that is inline
+    ([inline_header("not binary")], "bad_message"),
+    ([inline_header(OBS.tobytes(), inline_bytes=-1)], "bad_message"),
+    ([inline_header(OBS.tobytes(), inline_bytes=10**9)], "bad_message"),
+    ([inline_header(OBS.tobytes(), inline_bytes=True)], "bad_message"),
+])
+def test_malformed_inline_arrays_get_the_documented_code(frames, code):
+    assert code_of(frames) == code
+
+
+def test_a_reply_whose_inline_data_or_frames_do_not_match_is_refused():
+    inline = {"v": 1, "op": "act", "id": 1, "ok": True,
+              "arrays": [{"name": "a", "dtype": "float32", "shape": [2], "data": b"\0" * 8}]}
+    for frames in ([msgpack.packb(inline), b"\0" * 8],  # a frame too many
+                   [msgpack.packb({**inline, "arrays": [{**inline["arrays"][0], "data": "text"}]})]):
+        with pytest.raises(ProtocolError) as error:
+            decode_reply(frames)
+        assert error.value.code == "bad_message"
+    with pytest.raises(ProtocolError) as error:
+        decode_reply([msgpack.packb({**inline, "arrays": [{**inline["arrays"][0], "data": b"\0" * 4}]})])
+    assert error.value.code == "bad_array"

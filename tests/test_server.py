@@ -44,6 +44,27 @@ def test_act_answers_with_the_same_actions_as_the_policy_in_process(server, tiny
     assert reply.timing["batch"] == 1 and reply.timing["total_ms"] >= reply.timing["compute_ms"]
 
 
+def test_replies_are_inline_only_for_a_client_that_asked(server):
+    """A client of the original layout (no `inline_bytes`) keeps getting one frame per array; one that asks gets
+    the same actions inside the header."""
+    from rtdiff_client.protocol import decode_reply, request
+
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.connect(server.address)
+    try:
+        answers = {}
+        for inline_bytes in (0, 1024):
+            socket.send_multipart([bytes(f) for f in request("act", inline_bytes, "tiny", {"obs": obs()},
+                                                             inline_bytes=inline_bytes, seed=3)])
+            frames = socket.recv_multipart()
+            header, arrays = decode_reply(frames)
+            assert header["ok"] and len(frames) == (2 if inline_bytes == 0 else 1)
+            answers[inline_bytes] = arrays["actions"]
+        np.testing.assert_array_equal(answers[0], answers[1024])
+    finally:
+        socket.close(linger=0)
+
+
 def test_pipelined_requests_are_batched_and_each_keeps_its_own_answer(tiny_checkpoint):
     with Running(tiny_checkpoint, max_wait_ms=100) as server, Client(server.address, model="tiny") as client:
         alone = {k: client.act(obs(k), seed=k).arrays["actions"] for k in range(6)}
@@ -165,7 +186,10 @@ garbage = st.one_of(
                                               "arrays": st.lists(st.fixed_dictionaries({
                                                   "name": st.sampled_from(["obs", "x"]),
                                                   "dtype": st.sampled_from(["float32", "float64", "uint8", "int64"]),
-                                                  "shape": st.lists(st.integers(-1, 6), max_size=3)}), max_size=2)}),
+                                                  "shape": st.lists(st.integers(-1, 6), max_size=3)},
+                                                  optional={"data": st.one_of(st.binary(max_size=48), st.text(max_size=4))}),
+                                                  max_size=2),
+                                              "inline_bytes": st.one_of(st.integers(-1, 70_000), st.booleans())}),
               st.lists(st.binary(max_size=80), max_size=3)),
     st.builds(lambda values: request_frames_with(values), st.lists(st.floats(width=32), min_size=10, max_size=10)),
 )

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from rtdiff_client.protocol import decode_reply, recv_frames, request, send_frames
+from rtdiff_client.protocol import DEFAULT_INLINE_BYTES, decode_reply, recv_frames, request, send_frames
 
 _NOBLOCK, _RCVTIMEO = int(zmq.NOBLOCK), int(zmq.RCVTIMEO)  # plain ints: pyzmq's enums cost on every call
 
@@ -52,8 +52,11 @@ class Reply:
 class Client:
     def __init__(self, address: str, model: str | None = None, timeout_ms: float = 2000, retries: int = 3,
                  backoff_ms: tuple[float, float] = (50, 2000), curve_dir: str | Path | None = None,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, inline_bytes: int = DEFAULT_INLINE_BYTES):
         self.address, self.model = address, model
+        # arrays up to this many bytes (per message) travel inside the header both ways: a frame fewer each way
+        # (protocol.py); 0 puts every array in a frame of its own
+        self.inline_bytes = inline_bytes
         self.timeout_ms, self.retries, self.backoff_ms = timeout_ms, retries, backoff_ms
         self.curve_dir = Path(curve_dir) if curve_dir else None
         self.context = context or zmq.Context.instance()
@@ -109,7 +112,7 @@ class Client:
                request_id=None, **params):
         """Send one request without waiting; returns its id for `result`."""
         request_id = next(self._ids) if request_id is None else request_id
-        frames = request(op, request_id, model or self.model, arrays, deadline_ms, **params)
+        frames = request(op, request_id, model or self.model, arrays, deadline_ms, self.inline_bytes, **params)
         send_frames(self.socket, frames, copy=False)
         return request_id
 
@@ -117,7 +120,7 @@ class Client:
         """The reply to `request_id`; raises ServerError for an error reply, TimeoutError for none in time
         (timeout_ms=0: only if it has already arrived)."""
         timeout = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1e3
-        reply = self._buffered(request_id)
+        reply = self._buffered(request_id) if self._replies else None
         end = time.monotonic() + timeout
         while reply is None:
             frames = self._receive((end - time.monotonic()) * 1e3)

@@ -1,5 +1,14 @@
 """The rtdiff wire format (docs/protocol.md): one msgpack header frame, then one raw little-endian frame per array.
 
+An array travels in a frame of its own after the header or, when small,
+inline: its descriptor's `data` holds its bytes, and the message has one
+frame fewer. Each frame costs a Python call on every end it passes (measured:
+10-20 us a round trip per frame, benchmarks/RESULTS.md, Serving), which is
+most of what separates a policy's round trip from a single-message
+transport's; pyzmq copies frames under 64 KiB anyway, so inlining small
+arrays costs no zero-copy. A request's `inline_bytes` says how much of its
+replies' arrays may come back inline (0, the default: every array in a frame).
+
 A request header is decoded straight into a typed structure (`RequestHeader`,
 msgspec, in C): every key's type, the version, the op, the array descriptors'
 dtypes and dimensions are checked in that one call, unknown keys, binary
@@ -27,6 +36,12 @@ VERSION = 1
 OPS = ("info", "act", "stream", "duplex", "chunk", "cancel", "stats")
 ARRAYLESS_OPS = ("info", "cancel", "stats")
 DTYPES = ("float32", "float16", "int32", "int64", "uint8")
+# The most a request may ask to get back inline (`inline_bytes`): with the rest of a reply header, well under the
+# header limit a reader applies (Limits.max_header_bytes).
+MAX_INLINE_BYTES = 32 * 1024
+# What `Client` inlines each way unless told otherwise: a policy's observations and action chunks, not an audio
+# chunk or a video frame (those keep a frame of their own, zero-copy above pyzmq's 64 KiB copy threshold).
+DEFAULT_INLINE_BYTES = 16 * 1024
 # Built once: looking these up beats numpy's dtype constructors and `dtype.name` on the per-message path.
 _WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
 _WIRE_NAMES = {dtype: name for name, dtype in _WIRE_DTYPES.items()}
@@ -75,6 +90,7 @@ class Message:
     params: dict = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     deadline_at: float | None = None  # absolute: Unix time in seconds on the client's clock
+    inline_bytes: int = 0  # how many bytes of a reply's arrays may travel inside its header
 
 
 # -- the header as types ------------------------------------------------------------------------------------
@@ -89,6 +105,7 @@ def _header_types(limits: Limits):
         ("name", Annotated[str, Meta(min_length=1, max_length=64)]),
         ("dtype", Literal[DTYPES]),
         ("shape", Annotated[list[Annotated[int, Meta(ge=0)]], Meta(max_length=limits.max_dims)]),
+        ("data", Union[bytes, None], None),  # inline: the array's bytes; without it, the array is in a frame
     ], forbid_unknown_fields=True)
     return msgspec.defstruct("RequestHeader", [
         ("v", Literal[VERSION]),
@@ -97,6 +114,7 @@ def _header_types(limits: Limits):
         ("model", Union[Annotated[str, Meta(max_length=128)], None], None),
         ("deadline_ms", Union[Annotated[float, Meta(gt=0)], None], None),
         ("deadline_at", Union[Annotated[float, Meta(gt=0)], None], None),
+        ("inline_bytes", Annotated[int, Meta(ge=0, le=MAX_INLINE_BYTES)], 0),
         ("params", Annotated[dict[Annotated[str, Meta(max_length=64)], Scalar], Meta(max_length=256)], {}),
         ("arrays", Annotated[list[descriptor], Meta(max_length=limits.max_arrays)], []),
     ], forbid_unknown_fields=True)
@@ -111,22 +129,30 @@ _any_decoder = msgspec.msgpack.Decoder()
 _encoder = msgspec.msgpack.Encoder()
 
 
-def encode(header: dict, arrays: dict[str, np.ndarray] | None = None) -> list:
-    """Frames for a header (without `arrays`; descriptors are added here) and named arrays."""
-    if not arrays:
-        return [_encoder.encode({"v": VERSION, **header, "arrays": []})]
+def encode(header: dict, arrays: dict[str, np.ndarray] | None = None, inline_bytes: int = 0) -> list:
+    """Frames for a header (without `arrays`; descriptors are added here) and named arrays. Arrays go inline, in
+    their descriptors' `data`, while their bytes together stay within `inline_bytes`; the rest in frames."""
     descriptors, frames = [], [b""]
-    for name, array in arrays.items():
-        if not (array.flags.c_contiguous and array.dtype in _WIRE_NAMES):  # else a little-endian C-order copy
+    for name, array in (arrays or {}).items():
+        data, wire = array.data, _WIRE_NAMES.get(array.dtype)
+        if wire is None or not data.c_contiguous:  # a little-endian C-order copy (or the dtype's error)
             array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-        descriptors.append({"name": name, "dtype": _wire_name(name, array.dtype), "shape": array.shape})
-        frames.append(array.data.cast("B") if array.ndim else memoryview(array.tobytes()))
+            data, wire = array.data, _wire_name(name, array.dtype)
+        descriptor = {"name": name, "dtype": wire, "shape": array.shape}
+        if array.nbytes <= inline_bytes:
+            descriptor["data"] = data
+            inline_bytes -= array.nbytes
+        else:
+            frames.append(data.cast("B") if array.ndim else memoryview(array.tobytes()))
+        descriptors.append(descriptor)
     frames[0] = _encoder.encode({"v": VERSION, **header, "arrays": descriptors})
     return frames
 
 
 def request(op: str, request_id, model: str | None = None, arrays: dict | None = None, deadline_ms: float | None = None,
-            **params) -> list:
+            inline_bytes: int = 0, **params) -> list:
+    """A request's frames. `inline_bytes`: how many bytes of arrays travel inside the header, this request's and
+    (asked of the server) its replies'; 0 sends every array in a frame of its own."""
     header = {"op": op, "id": request_id, "params": params}
     if model is not None:
         header["model"] = model
@@ -135,15 +161,17 @@ def request(op: str, request_id, model: str | None = None, arrays: dict | None =
         # restart in a queue is refused as late instead of computed (the clocks must agree: same host or NTP)
         header["deadline_ms"] = deadline_ms
         header["deadline_at"] = time.time() + deadline_ms / 1e3
-    return encode(header, arrays)
+    if inline_bytes:
+        header["inline_bytes"] = min(inline_bytes, MAX_INLINE_BYTES)
+    return encode(header, arrays, inline_bytes)
 
 
 def reply(op: str, request_id, arrays: dict | None = None, result: dict | None = None, timing: dict | None = None,
-          **extra) -> list:
+          inline_bytes: int = 0, **extra) -> list:
     header = {"op": op, "id": request_id, "ok": True, "result": result or {}, **extra}
     if timing is not None:
         header["timing"] = timing
-    return encode(header, arrays)
+    return encode(header, arrays, inline_bytes)
 
 
 def error_reply(code: str, message: str, request_id=None, op: str | None = None) -> list:
@@ -172,11 +200,12 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
     for value in (header.deadline_ms, header.deadline_at):
         if value is not None and not math.isfinite(value):
             raise ProtocolError("bad_message", "deadline_ms and deadline_at must be finite", request_id, op)
-    if len(frames) - 1 != len(header.arrays):
-        raise ProtocolError("bad_message", f"header describes {len(header.arrays)} arrays but {len(frames) - 1} "
+    framed = [descriptor for descriptor in header.arrays if descriptor.data is None]
+    if len(frames) - 1 != len(framed):
+        raise ProtocolError("bad_message", f"header describes {len(framed)} arrays in frames but {len(frames) - 1} "
                                            "frames follow it", request_id, op)
-    arrays, total = {}, 0
-    for descriptor, frame in zip(header.arrays, frames[1:]):
+    arrays, total, following = {}, 0, iter(frames[1:])
+    for descriptor in header.arrays:
         name, dtype = descriptor.name, _WIRE_DTYPES[descriptor.dtype]
         size = math.prod(descriptor.shape) * dtype.itemsize
         if name in arrays:
@@ -188,12 +217,21 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
         if total > limits.max_message_bytes:
             raise ProtocolError("too_large", f"arrays of more than {limits.max_message_bytes} bytes in one message",
                                 request_id, op)
-        buffer = frame.buffer if hasattr(frame, "buffer") else frame
+        if descriptor.data is not None:
+            buffer, where = descriptor.data, "inline data"
+        else:
+            buffer, where = _frame_buffer(following), "frame"
         if len(buffer) != size:
             raise ProtocolError("bad_array", f"array {name!r}: {descriptor.dtype}{descriptor.shape} needs {size} bytes, "
-                                             f"frame has {len(buffer)}", request_id, op)
+                                             f"{where} has {len(buffer)}", request_id, op)
         arrays[name] = np.ndarray(descriptor.shape, dtype, buffer)  # a view: no copy
-    return Message(op, request_id, header.model, header.deadline_ms, header.params, arrays, header.deadline_at)
+    return Message(op, request_id, header.model, header.deadline_ms, header.params, arrays, header.deadline_at,
+                   header.inline_bytes)
+
+
+def _frame_buffer(frames):
+    frame = next(frames)
+    return frame.buffer if hasattr(frame, "buffer") else frame
 
 
 def _refusal(text: str, raw, limits: Limits) -> ProtocolError:
@@ -245,20 +283,25 @@ def decode_reply(frames: list, limits: Limits = Limits()) -> tuple[dict, dict[st
         raise ProtocolError("bad_message", f"reply header is not valid msgpack ({error})") from None
     if not isinstance(header, dict):
         raise ProtocolError("bad_message", "reply header must be a msgpack map")
-    descriptors = header.get("arrays", ())
-    if len(frames) - 1 != len(descriptors):
-        raise ProtocolError("bad_message", "reply frame count does not match its header")
-    arrays = {}
-    for descriptor, frame in zip(descriptors, frames[1:]):
+    arrays, framed = {}, 0
+    for descriptor in header.get("arrays", ()):
         try:
             name, dtype, shape = descriptor["name"], _WIRE_DTYPES[descriptor["dtype"]], tuple(descriptor["shape"])
-            size = math.prod(shape) * dtype.itemsize
-        except (KeyError, TypeError) as error:
+            size, data = math.prod(shape) * dtype.itemsize, descriptor.get("data")
+        except (KeyError, TypeError, AttributeError) as error:
             raise ProtocolError("bad_message", f"reply array descriptor {descriptor!r} is malformed") from error
-        buffer = frame.buffer if hasattr(frame, "buffer") else frame
-        if len(buffer) != size:
+        if data is None:  # the next frame
+            framed += 1
+            if framed >= len(frames):
+                raise ProtocolError("bad_message", "reply frame count does not match its header")
+            data = frames[framed].buffer if hasattr(frames[framed], "buffer") else frames[framed]
+        elif not isinstance(data, bytes):
+            raise ProtocolError("bad_message", f"reply array {name!r}: inline data must be binary")
+        if len(data) != size:
             raise ProtocolError("bad_array", f"reply array {name!r} has the wrong byte count")
-        arrays[name] = np.ndarray(shape, dtype, buffer)
+        arrays[name] = np.ndarray(shape, dtype, data)
+    if framed != len(frames) - 1:
+        raise ProtocolError("bad_message", "reply frame count does not match its header")
     return header, arrays
 
 
