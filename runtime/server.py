@@ -502,7 +502,7 @@ class Server:
         message is waiting on the socket (a burst of requests is still read whole and batched)."""
         return (not self.queued[name] and self.config.max_wait_ms <= 0 and not self.workers[name].busy
                 and not self._more_waiting and not self.running[name]
-                and not any(s.message.model == name and s.ready() for s in self.streams.values()))
+                and not (self.streams and any(s.message.model == name and s.ready() for s in self.streams.values())))
 
     def _op_stream(self, envelope, message, arrival, deadline) -> None:
         key = (envelope[0], message.id)

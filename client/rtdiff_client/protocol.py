@@ -80,6 +80,12 @@ class Limits:
     max_id_chars: int = 64
     max_message_bytes: int = 32 * 1024 * 1024  # all of a message's arrays together
 
+    @functools.cached_property
+    def request_decoder(self) -> msgspec.msgpack.Decoder:
+        """The request header's typed decoder under these limits, built once per Limits (an attribute read on
+        the per-message path, where an lru_cache would hash the dataclass every call)."""
+        return msgspec.msgpack.Decoder(_header_types(self))
+
 
 @dataclass
 class Message:
@@ -118,11 +124,6 @@ def _header_types(limits: Limits):
         ("params", Annotated[dict[Annotated[str, Meta(max_length=64)], Scalar], Meta(max_length=256)], {}),
         ("arrays", Annotated[list[descriptor], Meta(max_length=limits.max_arrays)], []),
     ], forbid_unknown_fields=True)
-
-
-@functools.lru_cache(maxsize=8)
-def _request_decoder(limits: Limits) -> msgspec.msgpack.Decoder:
-    return msgspec.msgpack.Decoder(_header_types(limits))
 
 
 _any_decoder = msgspec.msgpack.Decoder()
@@ -189,7 +190,7 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
     if len(raw) > limits.max_header_bytes:
         raise ProtocolError("too_large", f"header is {len(raw)} bytes, limit {limits.max_header_bytes}")
     try:
-        header = _request_decoder(limits).decode(raw)
+        header = limits.request_decoder.decode(raw)
     except msgspec.ValidationError as error:
         raise _refusal(str(error), raw, limits) from None
     except msgspec.DecodeError as error:
