@@ -1,9 +1,10 @@
-"""The rtdiff wire format (docs/protocol.md): one msgpack header frame, then one raw little-endian frame per array.
+"""The rtdiff wire format (docs/protocol.md): one msgpack header frame, then one raw little-endian frame per array
+that is not inline.
 
 An array travels in a frame of its own after the header or, when small,
 inline: its descriptor's `data` holds its bytes, and the message has one
 frame fewer. Each frame costs a Python call on every end it passes (measured:
-10-20 us a round trip per frame, benchmarks/RESULTS.md, Serving), which is
+10-40 us a round trip per frame, benchmarks/RESULTS.md, Serving), which is
 most of what separates a policy's round trip from a single-message
 transport's; pyzmq copies frames under 64 KiB anyway, so inlining small
 arrays costs no zero-copy. A request's `inline_bytes` says how much of its
@@ -12,7 +13,7 @@ replies' arrays may come back inline (0, the default: every array in a frame).
 A request header is decoded straight into a typed structure (`RequestHeader`,
 msgspec, in C): every key's type, the version, the op, the array descriptors'
 dtypes and dimensions are checked in that one call, unknown keys, binary
-values and extension types (the Timestamp too) are refused. What a type cannot
+values outside a descriptor's `data` and extension types (the Timestamp too) are refused. What a type cannot
 say (unique array names, byte counts against the limits and the frames) is
 checked after it, before any array buffer is read. Every refusal is a
 `ProtocolError` with a code from `ERRORS`; the code comes from where in the
@@ -162,8 +163,9 @@ def request(op: str, request_id, model: str | None = None, arrays: dict | None =
         # restart in a queue is refused as late instead of computed (the clocks must agree: same host or NTP)
         header["deadline_ms"] = deadline_ms
         header["deadline_at"] = time.time() + deadline_ms / 1e3
+    inline_bytes = min(inline_bytes, MAX_INLINE_BYTES)  # inline arrays make the header: keep it under its limit
     if inline_bytes:
-        header["inline_bytes"] = min(inline_bytes, MAX_INLINE_BYTES)
+        header["inline_bytes"] = inline_bytes
     return encode(header, arrays, inline_bytes)
 
 
@@ -186,7 +188,7 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
     if not frames:
         raise ProtocolError("bad_message", "empty message")
     frame = frames[0]
-    raw = frame.buffer if hasattr(frame, "buffer") else frame
+    raw = _buffer_of(frame)
     if len(raw) > limits.max_header_bytes:
         raise ProtocolError("too_large", f"header is {len(raw)} bytes, limit {limits.max_header_bytes}")
     try:
@@ -201,9 +203,9 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
     for value in (header.deadline_ms, header.deadline_at):
         if value is not None and not math.isfinite(value):
             raise ProtocolError("bad_message", "deadline_ms and deadline_at must be finite", request_id, op)
-    framed = [descriptor for descriptor in header.arrays if descriptor.data is None]
-    if len(frames) - 1 != len(framed):
-        raise ProtocolError("bad_message", f"header describes {len(framed)} arrays in frames but {len(frames) - 1} "
+    framed = sum(descriptor.data is None for descriptor in header.arrays)
+    if len(frames) - 1 != framed:
+        raise ProtocolError("bad_message", f"header describes {framed} arrays in frames but {len(frames) - 1} "
                                            "frames follow it", request_id, op)
     arrays, total, following = {}, 0, iter(frames[1:])
     for descriptor in header.arrays:
@@ -221,7 +223,7 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
         if descriptor.data is not None:
             buffer, where = descriptor.data, "inline data"
         else:
-            buffer, where = _frame_buffer(following), "frame"
+            buffer, where = _buffer_of(next(following)), "frame"
         if len(buffer) != size:
             raise ProtocolError("bad_array", f"array {name!r}: {descriptor.dtype}{descriptor.shape} needs {size} bytes, "
                                              f"{where} has {len(buffer)}", request_id, op)
@@ -230,8 +232,8 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
                    header.inline_bytes)
 
 
-def _frame_buffer(frames):
-    frame = next(frames)
+def _buffer_of(frame):
+    """A frame's bytes: a zmq.Frame's buffer (no copy), or the bytes-like it already is."""
     return frame.buffer if hasattr(frame, "buffer") else frame
 
 
@@ -275,7 +277,7 @@ def decode_reply(frames: list, limits: Limits = Limits()) -> tuple[dict, dict[st
     """A reply's header (a map) and arrays, the client's side: the descriptors and frames are checked as for
     requests; the rest of the header is the server's and read as it is."""
     frame = frames[0]
-    raw = frame.buffer if hasattr(frame, "buffer") else frame
+    raw = _buffer_of(frame)
     if len(raw) > limits.max_header_bytes:
         raise ProtocolError("too_large", f"reply header is {len(raw)} bytes, limit {limits.max_header_bytes}")
     try:
@@ -295,7 +297,7 @@ def decode_reply(frames: list, limits: Limits = Limits()) -> tuple[dict, dict[st
             framed += 1
             if framed >= len(frames):
                 raise ProtocolError("bad_message", "reply frame count does not match its header")
-            data = frames[framed].buffer if hasattr(frames[framed], "buffer") else frames[framed]
+            data = _buffer_of(frames[framed])
         elif not isinstance(data, bytes):
             raise ProtocolError("bad_message", f"reply array {name!r}: inline data must be binary")
         if len(data) != size:
