@@ -1,11 +1,13 @@
 """Serving under abuse, measured: a flood against a 10 Hz client, and a slow stream beside a real-time sim.
 
-    python benchmarks/abuse.py flood --seconds 10 --json benchmarks/results/abuse_flood.json
+    python benchmarks/abuse.py flood --seconds 10 --runs 10 --json benchmarks/results/abuse_flood.json
     python benchmarks/abuse.py slow-stream --episodes 10 --json benchmarks/results/abuse_slow_stream.json
 
 flood: `rtdiff serve --model pusht=pusht-unet`; four client processes send `act` as fast as they can (a new id
 each, replies drained and thrown away) while one client asks at 10 Hz with a 200 ms deadline. Reported: the
-share of the 10 Hz client's requests answered in time, and what the flood sent and was refused.
+share of the 10 Hz client's requests answered in time, and what the flood sent and was refused. `--runs`
+repeats it with a fresh server each time: a run asks 100 times, too few to tell 99 % from 98 %, so the
+totals over the runs are what the 99 % target is read from.
 
 slow-stream: the same server also holds `slow=null:steps=100000:step_ms=300`, a stream whose every step takes
 300 ms (sleeping: it stands for a long audio window and uses no CPU); one client keeps such a stream going
@@ -127,6 +129,17 @@ def measure_flood(seconds: float, flooders: int, model: str = "pusht-unet", mode
                        "batch_cap_after": stats["models"]["pusht"].get("batch_cap")}}
 
 
+def flood_totals(runs: list[dict]) -> dict:
+    """The runs and, over all of them, the 10 Hz client's requests asked, answered in time, and failed by code."""
+    failures: dict[str, int] = {}
+    for run in runs:
+        for code, count in run["failures"].items():
+            failures[code] = failures.get(code, 0) + count
+    asked, in_time = sum(run["asked"] for run in runs), sum(run["in_time"] for run in runs)
+    return {"scenario": "flood", "asked": asked, "in_time": in_time, "in_time_fraction": in_time / asked,
+            "failures": failures, "runs": runs}
+
+
 def measure_slow_stream(episodes: int, workers: int, model_threads: str = "auto") -> dict:
     from rtdiff.sims.remote import run_remote
 
@@ -158,6 +171,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", choices=["flood", "slow-stream"])
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--runs", type=int, default=1, help="flood: runs, each with a fresh server; totals reported")
     parser.add_argument("--flooders", type=int, default=4)
     parser.add_argument("--model", default="pusht-unet", help="flood: what the server holds (null: no compute)")
     parser.add_argument("--episodes", type=int, default=10)
@@ -173,8 +187,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.scenario == "flood":
         cpus = tuple(int(c) for c in args.flooder_cpus.split(",")) if args.flooder_cpus else None
-        result = measure_flood(args.seconds, args.flooders, args.model, args.model_threads, cpus, args.server_nice,
-                               args.server_threads, args.server_backend)
+        runs = []
+        for run in range(args.runs):
+            runs.append(measure_flood(args.seconds, args.flooders, args.model, args.model_threads, cpus,
+                                      args.server_nice, args.server_threads, args.server_backend))
+            print(f"run {run}: {runs[-1]['in_time']} of {runs[-1]['asked']} in time, failures {runs[-1]['failures']}",
+                  flush=True)
+        result = flood_totals(runs)
     else:
         result = measure_slow_stream(args.episodes, args.workers, args.model_threads)
     print(json.dumps(result, indent=1))

@@ -27,7 +27,8 @@ and data have just filled the caches, and two copies of one server measured
 4 % apart), back to back and with 1 ms between
 requests, p50 and p99, `--runs` times with fresh servers; CPU per request of
 the client (its thread time around each round trip) and of each server process
-(/proc). The issue's target: rtdiff's p50 at most openpi's in both conditions,
+(/proc), that also split by thread (the application's against ZeroMQ's I/O
+thread). The issue's target: rtdiff's p50 at most openpi's in both conditions,
 its p99 back to back at most 1 ms. `--model-threads`: rtdiff computes `null` on a
 worker thread, as it would a model under `rtdiff serve --model-threads on`.
 `--server-cpus 1 --client-cpus 0`: every thread of every server process (all
@@ -187,10 +188,15 @@ def measure_protocol_path(checkpoint: str, count: int) -> dict:
 PEERS = ("echo", "rtdiff", "openpi", "rtdiff_ipc", "openpi_unix")
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of each of a process's threads, summed by thread name (the application's
+    `python`, ZeroMQ's `ZMQbg/IO/0`), from /proc (Linux)."""
+    seconds: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rpartition(")")[2].split()
+        name = (task / "comm").read_text().strip()
+        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
 
 
 def free_port() -> int:
@@ -272,7 +278,7 @@ def measure_peers_run(count: int, gap_s: float, model_threads: bool = False, ser
         warmup = 200
         for k in range(count + warmup):
             if k == warmup:
-                server_cpu = {name: process_cpu_s(pids[name]) for name in PEERS}
+                server_cpu = {name: thread_cpu_s(pids[name]) for name in PEERS}
             order = rng.sample(PEERS, len(PEERS))
             for name in order:
                 if gap_s:
@@ -283,7 +289,8 @@ def measure_peers_run(count: int, gap_s: float, model_threads: bool = False, ser
                 if k >= warmup:
                     wall[name].append(elapsed)
                     client_cpu[name] += time.thread_time() - cpu
-        server_cpu = {name: process_cpu_s(pids[name]) - server_cpu[name] for name in PEERS}
+        server_cpu = {name: {thread: seconds - server_cpu[name].get(thread, 0.0)
+                             for thread, seconds in thread_cpu_s(pids[name]).items()} for name in PEERS}
     finally:
         rtdiff.close()
         rtdiff_ipc.close()
@@ -299,7 +306,11 @@ def measure_peers_run(count: int, gap_s: float, model_threads: bool = False, ser
             echo.kill()
     return {name: {"p50_us": percentile_us(wall[name], 50), "p99_us": percentile_us(wall[name], 99),
                    "over_1ms": float(np.mean(np.array(wall[name]) > 1e-3)),
-                   "client_cpu_us": client_cpu[name] / count * 1e6, "server_cpu_us": server_cpu[name] / count * 1e6}
+                   "client_cpu_us": client_cpu[name] / count * 1e6,
+                   "server_cpu_us": sum(server_cpu[name].values()) / count * 1e6,
+                   # the application thread against ZeroMQ's I/O thread: whose work grows after an idle millisecond
+                   "server_thread_cpu_us": {thread: seconds / count * 1e6 for thread, seconds in server_cpu[name].items()
+                                            if seconds > 0}}
             for name in PEERS}
 
 
