@@ -135,6 +135,43 @@ def test_fields_of_the_wrong_type_and_look_alike_versions_are_refused_as_such():
     assert code_of([header(params={"x" * 65: 1}), OBS.tobytes()]) == "bad_message"  # param names <= 64 characters
 
 
+BAD_DTYPE = [{"name": "obs", "dtype": "complex64", "shape": [2, 5]}]
+
+
+@pytest.mark.parametrize("fields,code", [
+    ({"v": 2, "op": "train", "id": 1}, "unsupported_version"),  # another version, whatever else its header holds
+    ({"op": "train", "id": 1}, "unsupported_version"),  # no version at all
+    ({"v": 1, "op": "train"}, "bad_message"),  # id before op
+    ({"v": 1, "id": 1, "op": "train", "model": 5}, "unknown_op"),  # op before model
+    ({"v": 1, "id": 1, "op": "act", "deadline_ms": float("inf"), "arrays": BAD_DTYPE}, "bad_message"),
+    ({"v": 1, "id": 1, "op": "act", "params": 3, "arrays": BAD_DTYPE}, "bad_message"),  # params before arrays
+    ({"v": 1, "id": 1, "op": "info", "arrays": BAD_DTYPE}, "bad_message"),  # info takes no arrays at all
+    ({"v": 1, "id": 1, "op": "act", "arrays": [{"name": "a", "dtype": "float32", "shape": [2**23]}]},
+     "bad_message"),  # the frames (none here) before an array's size
+])
+def test_a_header_with_several_faults_gets_the_first_in_the_documented_order_in_any_key_order(fields, code):
+    for keys in (list(fields), list(reversed(fields))):
+        assert code_of([msgpack.packb({key: fields[key] for key in keys})]) == code, keys
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["v", "op", "id", "model", "deadline_ms", "inline_bytes", "arrays", "params",
+                                        "x"]), json_like, min_size=2),
+       st.sampled_from([1, "act", "info", "train"]))
+def test_the_code_of_a_refused_header_does_not_depend_on_the_order_of_its_keys(fields, op):
+    fields.setdefault("v", 1)
+    fields.setdefault("op", op)
+
+    def code(keys):
+        try:
+            decode([msgpack.packb({key: fields[key] for key in keys})])
+        except ProtocolError as error:
+            return error.code
+        return "accepted"
+
+    assert code(list(fields)) == code(list(reversed(fields)))
+
+
 def test_the_message_size_limit_counts_all_its_arrays_together():
     limits = Limits(max_array_bytes=64, max_message_bytes=60)
     two = [{"name": n, "dtype": "float32", "shape": [2, 5]} for n in ("a", "b")]

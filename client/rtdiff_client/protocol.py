@@ -16,14 +16,16 @@ dtypes and dimensions are checked in that one call, unknown keys, binary
 values outside a descriptor's `data` and extension types (the Timestamp too) are refused. What a type cannot
 say (unique array names, byte counts against the limits and the frames) is
 checked after it, before any array buffer is read. Every refusal is a
-`ProtocolError` with a code from `ERRORS`; the code comes from where in the
-header the decoder stopped (`_refusal`).
+`ProtocolError` with a code from `ERRORS`: that of the header's first fault
+in the documented order of checks (`CHECK_ORDER`, `_refusal`), whatever the
+order of its keys.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Union
@@ -103,6 +105,13 @@ class Message:
 # -- the header as types ------------------------------------------------------------------------------------
 
 Scalar = Union[None, bool, int, float, str]
+# a deadline: positive and finite (the bound refuses infinity in the typed decode, where the documented order of
+# checks is kept; NaN fails `gt`)
+Deadline = Union[Annotated[float, Meta(gt=0, le=sys.float_info.max)], None]
+# The order docs/protocol.md gives a request header's checks: a header with several faults is refused for the first
+# in this order. msgspec stops at the first bad key in the map's own order, which is the client's choice, so a
+# refused header is decoded again with its keys in this order (`_refusal`).
+CHECK_ORDER = ("v", "id", "op", "model", "deadline_ms", "deadline_at", "inline_bytes", "params", "arrays")
 
 
 def _header_types(limits: Limits):
@@ -119,8 +128,8 @@ def _header_types(limits: Limits):
         ("op", Literal[OPS]),
         ("id", Union[Annotated[int, Meta(ge=0)], Annotated[str, Meta(max_length=limits.max_id_chars)]]),
         ("model", Union[Annotated[str, Meta(max_length=128)], None], None),
-        ("deadline_ms", Union[Annotated[float, Meta(gt=0)], None], None),
-        ("deadline_at", Union[Annotated[float, Meta(gt=0)], None], None),
+        ("deadline_ms", Deadline, None),
+        ("deadline_at", Deadline, None),
         ("inline_bytes", Annotated[int, Meta(ge=0, le=MAX_INLINE_BYTES)], 0),
         ("params", Annotated[dict[Annotated[str, Meta(max_length=64)], Scalar], Meta(max_length=256)], {}),
         ("arrays", Annotated[list[descriptor], Meta(max_length=limits.max_arrays)], []),
@@ -200,9 +209,6 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
     request_id, op = header.id, header.op
     if header.arrays and op in ARRAYLESS_OPS:
         raise ProtocolError("bad_message", f"{op} carries no arrays", request_id, op)
-    for value in (header.deadline_ms, header.deadline_at):
-        if value is not None and not math.isfinite(value):
-            raise ProtocolError("bad_message", "deadline_ms and deadline_at must be finite", request_id, op)
     framed = sum(descriptor.data is None for descriptor in header.arrays)
     if len(frames) - 1 != framed:
         raise ProtocolError("bad_message", f"header describes {framed} arrays in frames but {len(frames) - 1} "
@@ -238,13 +244,38 @@ def _buffer_of(frame):
 
 
 def _refusal(text: str, raw, limits: Limits) -> ProtocolError:
-    """The documented code for where the typed decode stopped: the version is `unsupported_version`, an op of
-    the right type but unknown `unknown_op`, too many arrays or dimensions `too_large`, a dtype not allowed or a
-    bad dimension `bad_array`, anything else (wrong types, unknown keys, extensions, binary) `bad_message`."""
+    """The documented code for a header the typed decode refused (`text`: where it stopped), judged by the first
+    fault in `CHECK_ORDER`, whatever order the header's keys came in: a version other than 1 is
+    `unsupported_version` (another version's header need not parse as this one's), a missing `id` or `op` and
+    arrays on an op that takes none `bad_message`; then an op of the right type but unknown `unknown_op`, too many
+    arrays or dimensions `too_large`, a dtype not allowed or a bad dimension `bad_array`, anything else (wrong
+    types, unknown keys, extensions, binary) `bad_message`."""
+    try:  # the typed decode may stop at a wrong type before it reads to the end
+        fields = _any_decoder.decode(raw)
+    except msgspec.DecodeError as error:
+        return ProtocolError("bad_message", f"header is not valid msgpack ({error})")
+    if not isinstance(fields, dict):
+        return ProtocolError("bad_message", f"header refused: {text}")
+    request_id, op = _readable_id_and_op(fields, limits)
+    version = fields.get("v")
+    if type(version) is not int or version != VERSION:
+        return ProtocolError("unsupported_version", f"header version {version!r}; this server speaks {VERSION}",
+                             request_id, op)
+    for key in ("id", "op"):
+        if key not in fields:
+            return ProtocolError("bad_message", f"header has no {key!r}", request_id, op)
+    ordered = {key: fields[key] for key in CHECK_ORDER if key in fields}
+    ordered.update((key, value) for key, value in fields.items() if key not in ordered)  # keys v1 lacks: last
+    try:
+        limits.request_decoder.decode(_encoder.encode(ordered))
+    except msgspec.ValidationError as error:
+        text = str(error)
+    except (TypeError, msgspec.EncodeError):  # keys msgpack allows and msgspec cannot write back: the first text
+        pass
     where = text.rpartition(" - at `")[2].rstrip("`") if " - at `" in text else "$"
-    if where == "$.v" or text == "Object missing required field `v`":
-        code = "unsupported_version"
-    elif where == "$.op" and text.startswith("Invalid enum value"):
+    if where.startswith("$.arrays") and op in ARRAYLESS_OPS and fields.get("arrays"):
+        return ProtocolError("bad_message", f"{op} carries no arrays", request_id, op)
+    if where == "$.op" and text.startswith("Invalid enum value"):
         code = "unknown_op"
     elif where.startswith("$.arrays") and where.endswith(("arrays", "shape")) and "of length <=" in text:
         code = "too_large"
@@ -253,19 +284,12 @@ def _refusal(text: str, raw, limits: Limits) -> ProtocolError:
         code = "bad_array"
     else:
         code = "bad_message"
-    request_id, op = _readable_id_and_op(raw, limits)
     return ProtocolError(code, f"header refused: {text}", request_id, op)
 
 
-def _readable_id_and_op(raw, limits: Limits) -> tuple:
+def _readable_id_and_op(fields: dict, limits: Limits) -> tuple:
     """The id and op of a refused header, where they are readable, so that the error reaches its request."""
-    try:
-        header = _any_decoder.decode(raw)
-    except Exception:  # noqa: BLE001 - any failure means: not readable
-        return None, None
-    if not isinstance(header, dict):
-        return None, None
-    request_id, op = header.get("id"), header.get("op")
+    request_id, op = fields.get("id"), fields.get("op")
     try:
         request_id = _request_id(request_id, limits)
     except ProtocolError:
