@@ -160,10 +160,14 @@ def check_arrays(specs: tuple[ArraySpec, ...], arrays: dict[str, np.ndarray]) ->
     for spec in specs:
         array = arrays.get(spec.name)
         if array is None:
-            raise ProtocolError("bad_array", f"takes arrays {[spec.name for spec in specs]}, got {sorted(arrays)}")
+            raise _not_the_arrays(specs, arrays)
         spec.check(array, sizes)
     if len(arrays) != len(specs):  # names unique: an array no spec names
-        raise ProtocolError("bad_array", f"takes arrays {[spec.name for spec in specs]}, got {sorted(arrays)}")
+        raise _not_the_arrays(specs, arrays)
+
+
+def _not_the_arrays(specs: tuple[ArraySpec, ...], arrays: dict) -> ProtocolError:
+    return ProtocolError("bad_array", f"takes arrays {[spec.name for spec in specs]}, got {sorted(arrays)}")
 
 
 def check_params(specs: dict[str, ParamSpec], params: dict, ignore: tuple[str, ...] = ()) -> None:

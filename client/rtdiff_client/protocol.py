@@ -208,7 +208,7 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
         raise ProtocolError("bad_message", f"header is not valid msgpack ({error})") from None
     request_id, op = header.id, header.op
     if header.arrays and op in ARRAYLESS_OPS:
-        raise ProtocolError("bad_message", f"{op} carries no arrays", request_id, op)
+        raise _arrays_on_arrayless(request_id, op)
     framed = sum(descriptor.data is None for descriptor in header.arrays)
     if len(frames) - 1 != framed:
         raise ProtocolError("bad_message", f"header describes {framed} arrays in frames but {len(frames) - 1} "
@@ -268,13 +268,11 @@ def _refusal(text: str, raw, limits: Limits) -> ProtocolError:
     ordered.update((key, value) for key, value in fields.items() if key not in ordered)  # keys v1 lacks: last
     try:
         limits.request_decoder.decode(_encoder.encode(ordered))
-    except msgspec.ValidationError as error:
+    except msgspec.ValidationError as error:  # (should the reordered header pass, the first text stands)
         text = str(error)
-    except (TypeError, msgspec.EncodeError):  # keys msgpack allows and msgspec cannot write back: the first text
-        pass
     where = text.rpartition(" - at `")[2].rstrip("`") if " - at `" in text else "$"
     if where.startswith("$.arrays") and op in ARRAYLESS_OPS and fields.get("arrays"):
-        return ProtocolError("bad_message", f"{op} carries no arrays", request_id, op)
+        return _arrays_on_arrayless(request_id, op)
     if where == "$.op" and text.startswith("Invalid enum value"):
         code = "unknown_op"
     elif where.startswith("$.arrays") and where.endswith(("arrays", "shape")) and "of length <=" in text:
@@ -285,6 +283,10 @@ def _refusal(text: str, raw, limits: Limits) -> ProtocolError:
     else:
         code = "bad_message"
     return ProtocolError(code, f"header refused: {text}", request_id, op)
+
+
+def _arrays_on_arrayless(request_id, op: str) -> ProtocolError:
+    return ProtocolError("bad_message", f"{op} carries no arrays", request_id, op)
 
 
 def _readable_id_and_op(fields: dict, limits: Limits) -> tuple:
